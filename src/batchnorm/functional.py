@@ -58,9 +58,12 @@ class Layout:
         channels = self.shape[self.axis]
         if self.channels_last:
             moved = np.moveaxis(a, self.axis, -1)
-            return np.ascontiguousarray(moved, dtype=dtype).reshape(-1, channels, 1)
+            return np.ascontiguousarray(moved, dtype=dtype).reshape(
+                moved.size // channels, channels, 1
+            )
         outer = int(np.prod(self.shape[: self.axis], dtype=np.int64))
-        return np.ascontiguousarray(a, dtype=dtype).reshape(outer, channels, -1)
+        inner = int(np.prod(self.shape[self.axis + 1 :], dtype=np.int64))
+        return np.ascontiguousarray(a, dtype=dtype).reshape(outer, channels, inner)
 
     def from3d(self, a3: np.ndarray) -> np.ndarray:
         if self.channels_last:
@@ -115,6 +118,8 @@ def _layout(x: np.ndarray, axis: int) -> Layout:
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for an input with {x.ndim} dimensions")
     axis %= x.ndim
+    if x.shape[axis] == 0:
+        raise ValueError(f"input of shape {x.shape} has no channels on axis {axis}")
     channels_last = not x.flags.c_contiguous and np.moveaxis(x, axis, -1).flags.c_contiguous
     return Layout(tuple(x.shape), axis, channels_last)
 

@@ -29,6 +29,7 @@ def _col(v: np.ndarray, cs: slice) -> np.ndarray:
     return v[cs, None]
 
 
+@np.errstate(invalid="ignore", over="ignore")  # non-finite data is reported by the caller
 def channel_stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     count = x3.shape[0] * x3.shape[2]
     mean = x3.sum(axis=(0, 2), dtype=np.float64) / count
