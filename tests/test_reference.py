@@ -62,3 +62,14 @@ def test_reference_agrees_with_closed_form_on_random_data(rng: np.random.Generat
 def test_reference_backward_before_forward() -> None:
     with pytest.raises(RuntimeError, match="before forward"):
         bn.reference.BatchNorm(2).backward(SEED_DY)
+
+
+def test_seed_grad_x_is_the_eps_term_of_the_closed_form() -> None:
+    # docs/derivation.md: for dy linear in x, dx = gamma*rstd*b*(x - mu)*eps/(var + eps)
+    x = np.array(SEED_X)
+    dy = np.array(SEED_DY)
+    eps = 1e-5
+    mu, var = x.mean(0), x.var(0)
+    b = (dy[2] - dy[0]) / (x[2] - x[0])  # slope of dy against x, per feature
+    predicted = b * (x - mu) * eps / (var + eps) / np.sqrt(var + eps)
+    np.testing.assert_allclose(SEED_GRAD_X, predicted, rtol=1e-6)

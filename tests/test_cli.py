@@ -1,0 +1,53 @@
+"""The small subcommands: tour, gradcheck, info."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batchnorm import cli, functional
+from batchnorm.gradcheck import check_gradients
+
+
+def test_tour_prints_the_seed_numbers(capsys):
+    assert cli.main(["tour"]) == 0
+    out = capsys.readouterr().out
+    assert "-1.2247425750014138" in out and "0.4898970300005655" in out
+    assert "num_batches_tracked: 20" in out
+
+
+def test_gradcheck_passes_on_correct_gradients(capsys):
+    assert cli.main(["gradcheck", "5,3", "3,2,4", "--points", "8"]) == 0
+    assert "all errors below" in capsys.readouterr().out
+
+
+def test_gradcheck_catches_a_wrong_gradient(monkeypatch, capsys):
+    real = functional.batch_norm_backward
+
+    def off_by_a_bit(dy, cache):
+        dx, dw, db = real(dy, cache)
+        return dx * 1.01, dw, db
+
+    monkeypatch.setattr(functional, "batch_norm_backward", off_by_a_bit)
+    assert check_gradients((6, 2)).finite_diff_error > 1e-4
+    assert cli.main(["gradcheck", "6,2", "--points", "4"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_gradcheck_eval_mode_and_channels_last():
+    result = check_gradients((3, 4, 2), axis=-1, training=False)
+    assert result.finite_diff_error < 1e-6 and np.isnan(result.reference_error)
+
+
+def test_bad_arguments_exit_with_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["gradcheck", "7"])
+    assert exc.value.code == 2
+    assert "needs 2+ positive sizes" in capsys.readouterr().err
+    assert cli.main(["gradcheck", "4,3", "--axis", "5"]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    assert "backends installed" in capsys.readouterr().out
