@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(MAKE) lint
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
