@@ -1,0 +1,279 @@
+"""Why SyncBatchNorm: data-parallel training of the Fig. 1 network with tiny per-process batches.
+
+W processes (real ones, on MPI or gloo; :mod:`batchnorm.distributed.launch`) each hold B
+examples of every global batch of W*B and average their gradients after each step
+(data parallel). Three arms see the same batches and start from the same weights:
+
+* ``plain``: BatchNorm1d per process, normalizing with the statistics of B examples (with
+  B = 4 these are noisy, and training and inference statistics disagree); evaluated with
+  rank 0's running statistics (as DDP broadcasts rank 0's buffers);
+* ``sync``: :class:`batchnorm.distributed.SyncBatchNorm`, statistics over all W*B;
+* ``single``: one process with batch W*B and plain BN.
+
+``sync`` and ``single`` compute the same function and the same gradients (the mean loss
+over W*B examples), so their curves agree up to float32 rounding; ``plain`` is what users
+get without synchronization. The results give test accuracy along training for each arm,
+the largest parameter difference between ``sync`` and ``single``, and the time spent in
+SyncBatchNorm's collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchnorm import data as data_mod
+from batchnorm.experiments import common
+from batchnorm.nn.layers import Sequential, mlp
+from batchnorm.nn.losses import CrossEntropyLoss
+from batchnorm.nn.optim import SGD
+
+NAME = "sync"
+ARMS = ("plain", "sync", "single")
+LABELS = {"plain": "BN per process", "sync": "SyncBN", "single": "one process, whole batch"}
+COLORS = {"plain": "#d62728", "sync": "#1f77b4", "single": "#2ca02c"}
+
+
+@dataclass
+class Config:
+    """Settings; the CLI's --world-size --steps --seed --lr ... set the same names."""
+
+    world_size: int = 4
+    batch_per_process: int = 4
+    steps: int = 2_000
+    lr: float = 0.5
+    momentum: float = 0.0
+    init_std: float = 0.01
+    hidden: tuple[int, ...] = (100, 100, 100)
+    eval_every: int = 200
+    seed: int = 0
+    mnist_dir: str | None = None
+    engine: str = "mpi"  # "mpi" (mpiexec + mpi4py) or "gloo" (torch.distributed)
+    backend: str = "numpy"  # BN backend in the workers (numba would JIT in every process)
+    timeout: float = 1800.0  # seconds before the launch is killed
+
+
+@dataclass
+class Results:
+    """Histories at the evaluated steps, per arm ("plain", "sync", "single")."""
+
+    config: dict[str, Any]
+    dataset: str
+    steps: list[int] = field(default_factory=list)
+    accuracy: dict[str, list[float]] = field(default_factory=dict)
+    train_loss: dict[str, list[float]] = field(default_factory=dict)  # mean since last eval
+    max_param_diff_sync_vs_single: float = float("nan")
+    collective: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    completed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Results:
+        return cls(**d)
+
+    def final(self, arm: str) -> float:
+        return self.accuracy[arm][-1] if self.accuracy.get(arm) else float("nan")
+
+
+def _net(config: Config, sizes: list[int]) -> Sequential:
+    return mlp(sizes, "sigmoid", batch_norm=True, init="normal", std=config.init_std,
+               rng=np.random.default_rng([config.seed, 0]), backend=config.backend)
+
+
+def _grads(net: Sequential) -> list[np.ndarray]:
+    out = []
+    for p in net.parameters():
+        out.append(np.zeros_like(p.data) if p.grad is None else p.grad)
+    return out
+
+
+def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """One process of the experiment (run by :func:`batchnorm.distributed.launch.launch`)."""
+    from batchnorm.distributed import TimedComm, convert_sync_batchnorm
+    from batchnorm.distributed.launch import report_progress
+
+    config = Config(**{**payload, "hidden": tuple(payload["hidden"])})
+    data = data_mod.load(config.mnist_dir, config.seed)
+    world, b, rank = ctx.size, config.batch_per_process, ctx.rank
+    sizes = [data.num_features, *config.hidden, data.num_classes]
+    timed = TimedComm(ctx.comm)
+    nets = {"plain": _net(config, sizes), "sync": _net(config, sizes)}
+    convert_sync_batchnorm(nets["sync"], timed)
+    if rank == 0:
+        nets["single"] = _net(config, sizes)
+    opts = {a: SGD(n.parameters(), lr=config.lr, momentum=config.momentum)
+            for a, n in nets.items()}
+    losses = {a: CrossEntropyLoss() for a in nets}
+    sampler = common.BatchSampler(data.x_train, data.y_train, world * b,
+                                  np.random.default_rng([config.seed, 1]))
+    results = Results(config=dataclasses.asdict(config), dataset=data.describe(),
+                      accuracy={a: [] for a in ARMS}, train_loss={a: [] for a in ARMS})
+    loss_sum = dict.fromkeys(ARMS, 0.0)
+    grad_seconds = 0.0
+    started = time.perf_counter()
+
+    def evaluate(step: int) -> None:
+        if rank != 0:
+            return  # eval makes no collective call, so rank 0 may evaluate alone
+        since = step - (results.steps[-1] if results.steps else 0)
+        results.steps.append(step)
+        for a in ARMS:
+            results.accuracy[a].append(common.accuracy(nets[a], data.x_test, data.y_test))
+            results.train_loss[a].append(loss_sum[a] / since if since else float("nan"))
+            loss_sum[a] = 0.0
+
+    with common.blas_threads(1):
+        evaluate(0)
+        for step in range(1, config.steps + 1):
+            xb, yb = sampler.next()
+            xs, ys = xb[rank * b : (rank + 1) * b], yb[rank * b : (rank + 1) * b]
+            local = []
+            for a in ("plain", "sync"):
+                opts[a].zero_grad()
+                local.append(losses[a].forward(nets[a].forward(xs), ys))
+                nets[a].backward_params(losses[a].backward())
+            # data parallel: ONE all-reduce averages both arms' gradients and losses
+            grads = _grads(nets["plain"]) + _grads(nets["sync"])
+            t0 = time.perf_counter()
+            flat = ctx.comm.allreduce_sum(np.concatenate([g.ravel() for g in grads] + [local]))
+            grad_seconds += time.perf_counter() - t0
+            flat /= world
+            offset = 0
+            for g in grads:
+                g[...] = flat[offset : offset + g.size].reshape(g.shape)
+                offset += g.size
+            loss_sum["plain"] += flat[-2]
+            loss_sum["sync"] += flat[-1]
+            for a in ("plain", "sync"):
+                opts[a].step()
+            if rank == 0:
+                opts["single"].zero_grad()
+                loss_sum["single"] += losses["single"].forward(nets["single"].forward(xb), yb)
+                nets["single"].backward_params(losses["single"].backward())
+                opts["single"].step()
+            if step % config.eval_every == 0 or step == config.steps:
+                evaluate(step)
+                if rank == 0:
+                    report_progress(ctx, step, config.steps, f"sync  acc {_accs(results)}")
+    if rank != 0:
+        return None
+    diffs = [np.max(np.abs(p.data.astype(np.float64) - q.data))
+             for p, q in zip(nets["sync"].parameters(), nets["single"].parameters(), strict=True)]
+    results.max_param_diff_sync_vs_single = float(max(diffs))
+    steps = max(config.steps, 1)
+    results.collective = {
+        "syncbn_calls_per_step": timed.calls / steps,
+        "syncbn_ms_per_step": 1e3 * timed.seconds / steps,
+        "grad_allreduce_ms_per_step": 1e3 * grad_seconds / steps,
+        "syncbn_float64_per_step": sum(op.elements for op in timed.stats.values()) / steps,
+    }
+    results.seconds = time.perf_counter() - started
+    results.completed = True
+    return results.to_dict()
+
+
+def run(
+    config: Config | None = None,
+    *,
+    data: data_mod.Dataset | None = None,
+    progress: common.Progress = common.no_progress,
+    checkpoint: common.Checkpoint | None = None,
+) -> Results:
+    """Launch ``config.world_size`` processes, train the three arms, return rank 0's results.
+
+    ``data`` must be None (each process loads the dataset itself from ``config``);
+    ``checkpoint`` is accepted for the experiments' common signature and not used (the run
+    is short). Raises :class:`batchnorm.distributed.launch.LaunchError` when a process
+    fails or the run exceeds ``config.timeout``.
+    """
+    from batchnorm.distributed.launch import launch
+
+    config = config or Config()
+    if data is not None:
+        raise ValueError("the sync experiment loads data in each process: pass mnist_dir")
+    if config.world_size < 1 or config.batch_per_process < 1 or config.steps < 0:
+        raise ValueError("world_size and batch_per_process must be >= 1 and steps >= 0")
+    if config.batch_per_process == 1:
+        raise ValueError("batch_per_process must be >= 2: plain BN needs 2 values per channel")
+    progress(0, config.steps, f"sync  {config.world_size} processes ({config.engine})")
+    payload = dataclasses.asdict(config)
+    out = launch(config.world_size, "batchnorm.experiments.sync:worker", payload,
+                 engine=config.engine, timeout=config.timeout,
+                 env={"BATCHNORM_BACKEND": config.backend}, progress=progress)
+    results = Results.from_dict(out[0])
+    progress(config.steps, config.steps, f"sync  acc {_accs(results)}")
+    return results
+
+
+def _accs(results: Results) -> str:
+    return " / ".join(f"{a} {results.final(a):.3f}" for a in ARMS)
+
+
+def summary(results: Results) -> list[tuple[str, str]]:
+    """(label, value) rows for the printed table."""
+    cfg = results.config
+    w, b = cfg["world_size"], cfg["batch_per_process"]
+    last = results.steps[-1] if results.steps else 0
+    rows = [(f"sync test accuracy at step {last:,} ({w} processes x batch {b})",
+             "  |  ".join(f"{LABELS[a]} {results.final(a):.4f}" for a in ARMS))]
+    best = {a: max(results.accuracy[a]) for a in ARMS if results.accuracy.get(a)}
+    rows.append(("sync best test accuracy",
+                 "  |  ".join(f"{a} {v:.4f}" for a, v in best.items())))
+    rows.append(("sync largest parameter difference SyncBN vs one process",
+                 f"{results.max_param_diff_sync_vs_single:.2e}"))
+    c = results.collective
+    if c:
+        rows.append(("sync collectives per step",
+                     f"SyncBN {c['syncbn_calls_per_step']:.0f} calls, "
+                     f"{c['syncbn_ms_per_step']:.3f} ms; gradient all-reduce "
+                     f"{c['grad_allreduce_ms_per_step']:.3f} ms (rank 0)"))
+    rows.append(("sync time", f"{results.seconds:.1f} s for {last:,} steps ({cfg['engine']})"))
+    return rows
+
+
+def figures(results: Results) -> list[Any]:
+    """Test accuracy and training loss along training, one line per arm (report.Figure)."""
+    import matplotlib
+
+    from batchnorm import report
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for a in ARMS:
+        style = {"linestyle": "--" if a == "single" else "-", "color": COLORS[a]}
+        ax_acc.plot(results.steps, results.accuracy[a], label=LABELS[a], **style)
+        ax_loss.plot(results.steps[1:], results.train_loss[a][1:], label=LABELS[a], **style)
+    w, b = results.config["world_size"], results.config["batch_per_process"]
+    ax_acc.set(xlabel="training step", ylabel="test accuracy",
+               title=f"(a) test accuracy, {w} processes x batch {b}")
+    ax_loss.set(xlabel="training step", ylabel="training loss (mean since last point)",
+                yscale="log", title="(b) training loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best")
+    fig.tight_layout()
+    last = results.steps[-1] if results.steps else 0
+    shows = (
+        f"After {last:,} steps on {results.dataset}, {w} real processes "
+        f"({results.config['engine']}) with {b} examples each: test accuracy "
+        f"{results.final('plain'):.4f} with BN per "
+        f"process, {results.final('sync'):.4f} with SyncBN, {results.final('single'):.4f} for "
+        f"one process with batch {w * b}. SyncBN and the single process differ by at most "
+        f"{results.max_param_diff_sync_vs_single:.1e} in any parameter (float32 rounding)."
+    )
+    claim = (
+        "SyncBatchNorm makes data-parallel training with small per-process batches compute "
+        "what one process with the whole batch computes; BN per process normalizes with the "
+        "noisy statistics of a few examples, and trains worse."
+    )
+    return [report.Figure("sync", fig, "SyncBN: data parallel with tiny per-process batches",
+                          shows, claim)]

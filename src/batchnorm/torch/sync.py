@@ -1,0 +1,261 @@
+"""SyncBatchNorm for PyTorch on CPU (gloo) and CUDA (NCCL): one algorithm for both.
+
+PyTorch's own ``torch.nn.SyncBatchNorm`` accepts only GPU tensors. This one runs wherever
+the process group's backend does, with the algorithm of :mod:`batchnorm.distributed`:
+
+* forward: per-channel (count, mean, M2) of this process's slice (float64 on CPU, float32
+  on GPU unless the input is float64); ONE all-gather of ``[count, mean, M2]``; Chan's
+  pairwise merge (:func:`batchnorm.distributed.merge.merge_all`, the same code as the
+  NumPy module) gives the statistics of the whole batch, exact with uneven and empty
+  slices;
+* backward: ONE all-reduce of ``[sum(dy), sum(dy * (x - mean))]``, then the closed-form dx.
+  Parameter gradients are this process's sums (DDP all-reduces them with the rest).
+
+Outside an initialized process group, in a group of one, and in eval mode it is plain
+batch norm and makes no collective call, as PyTorch's module does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as TF
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from batchnorm.distributed.merge import merge_all
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    if x.dtype == torch.float64 or x.device.type == "cpu":
+        return torch.float64  # float32 sums accumulate in float64 on CPU, as PyTorch's kernel
+    return torch.float32
+
+
+def _all_gather(buf: torch.Tensor, group: Any) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    out = buf.new_empty(size * buf.numel())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, buf, group=group)
+    return out.view(size, buf.numel())
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        eps: float,
+        momentum: float,
+        group: Any,
+    ) -> torch.Tensor:
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        acc = _acc_dtype(x)
+        count = x.numel() // channels if channels else 0
+        if count:
+            var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0)
+            m2 = var * count
+        else:
+            mean = m2 = torch.zeros(channels, dtype=acc, device=x.device)
+        head = torch.full((1,), float(count), dtype=acc, device=x.device)
+        table = _all_gather(torch.cat((head, mean, m2)), group)  # the forward's one collective
+        total, mean, m2 = merge_all(
+            table[:, 0].tolist(), list(table[:, 1 : 1 + channels]), list(table[:, 1 + channels :])
+        )
+        if total == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{tuple(x.shape)} with 1 value per channel over the whole process group"
+            )
+        if not bool(torch.isfinite(mean).all() and torch.isfinite(m2).all()):
+            raise ValueError(
+                "non-finite values (NaN or inf) in the training batch of the process group; "
+                "running statistics were left unchanged"
+            )
+        if total > 0:
+            var = m2 / total
+            if running_mean is not None and running_var is not None:
+                unbiased = m2 / (total - 1)
+                running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mean)
+                running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * unbiased)
+        else:
+            var = torch.ones_like(mean)
+        invstd = torch.rsqrt(var + eps)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        shift = torch.zeros_like(mean) if bias is None else bias.to(acc)
+        y = (x.to(acc) - mean.view(shape)) * scale.view(shape) + shift.view(shape)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total = total
+        ctx.group = group
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        acc = mean.dtype
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        dya = dy.to(acc)
+        xmu = x.to(acc) - mean.view(shape)
+        sum_dy = dya.sum(dim=dims)
+        sum_dy_xmu = (dya * xmu).sum(dim=dims)
+        grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)  # this process's share
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(weight.dtype if weight is not None else dy.dtype)
+        both = torch.cat((sum_dy, sum_dy_xmu))
+        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.group)  # the backward's one
+        m = max(ctx.total, 1.0)
+        g_dy, g_dy_xmu = both[:channels] / m, both[channels:] / m
+        a = invstd if weight is None else invstd * weight.to(acc)
+        dx = a.view(shape) * (
+            dya - g_dy.view(shape) - xmu * (invstd * invstd * g_dy_xmu).view(shape)
+        )
+        return dx.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch normalization over the whole batch of a process group, on CPU or CUDA.
+
+    A drop-in for ``torch.nn.SyncBatchNorm`` (same constructor, state dict and
+    :meth:`convert_sync_batchnorm`) that also runs on CPU tensors with the gloo backend.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    with E and Var over the union of the inputs of every process in ``process_group``.
+
+    Args:
+        num_features: C of an input of shape (N, C, ...).
+        eps, momentum, affine, track_running_stats: as ``torch.nn.BatchNorm2d``.
+        process_group: the torch.distributed group to synchronize over; None: the default.
+
+    Shape:
+        Input (N, C, ...) with at least 2 dimensions; N may differ between processes and
+        may be 0. Output has the input's shape.
+
+    Example::
+
+        dist.init_process_group("gloo", ...)
+        model = convert_sync_batchnorm(model)        # every BatchNorm*d -> SyncBatchNorm
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} channels on dim 1, got input of shape "
+                f"{tuple(input.shape)}"
+            )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        running_mean = self.running_mean if keep else None
+        running_var = self.running_var if keep else None
+        need_sync = (
+            bn_training
+            and self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+        if not need_sync:
+            return TF.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias,
+                bn_training, factor, self.eps,
+            )
+        out: torch.Tensor = _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
+            self.process_group,
+        )
+        return out
+
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, process_group: Any = None
+    ) -> torch.nn.Module:
+        """See :func:`convert_sync_batchnorm`."""
+        return convert_sync_batchnorm(module, process_group)
+
+
+_BN_NAME = re.compile(r"BatchNorm[123]?d?$")
+
+
+def _is_batchnorm(module: torch.nn.Module) -> bool:
+    if isinstance(module, SyncBatchNorm):
+        return False
+    if isinstance(module, _BatchNorm):
+        return True
+    # batch-norm modules that do not derive from torch's _BatchNorm (e.g. batchnorm.torch's)
+    names = ("num_features", "eps", "momentum", "affine", "track_running_stats", "running_mean")
+    return bool(_BN_NAME.search(type(module).__name__)) and all(
+        hasattr(module, n) for n in names
+    )
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
+    """Replace every ``BatchNorm*d`` in ``module`` by :class:`SyncBatchNorm`, like PyTorch's.
+
+    The new layers share the old ones' parameters and buffers and keep their train/eval
+    mode. Returns the converted module (a new one when ``module`` itself is a BatchNorm).
+    """
+    out = module
+    if _is_batchnorm(module):
+        bn: Any = module
+        sync = SyncBatchNorm(
+            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+            process_group,
+        )
+        if bn.affine:
+            with torch.no_grad():
+                sync.weight = bn.weight
+                sync.bias = bn.bias
+        sync.running_mean = bn.running_mean
+        sync.running_var = bn.running_var
+        sync.num_batches_tracked = getattr(bn, "num_batches_tracked", None)
+        sync.training = bn.training
+        if hasattr(bn, "qconfig"):
+            sync.qconfig = bn.qconfig
+        out = sync
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, process_group))
+    return out

@@ -1,0 +1,88 @@
+"""SyncBatchNorm over MPI: real processes under mpiexec (from the pip mpich package)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+pytest.importorskip("mpi4py")
+
+from batchnorm.distributed.launch import LaunchError, find_mpiexec  # noqa: E402
+from distributed_util import check_equality, merge_reports, run_cases  # noqa: E402
+
+try:
+    find_mpiexec()
+except LaunchError as exc:  # pragma: no cover - the Makefile installs mpich
+    pytest.skip(str(exc), allow_module_level=True)
+
+# world size of the launch -> the group sizes tested in it (sub-communicators by Split)
+LAUNCHES = {1: [1], 2: [2], 3: [3], 4: [1, 2, 3, 4]}
+_cache: dict[int, dict[str, dict[str, Any]]] = {}
+
+
+def _results(n: int) -> dict[str, dict[str, Any]]:
+    if n not in _cache:
+        _cache[n] = merge_reports(run_cases(n, "numpy_equality", {"sizes": LAUNCHES[n]}, "mpi"))
+    return _cache[n]
+
+
+@pytest.mark.parametrize("n", sorted(LAUNCHES))
+def test_mpi_sync_batchnorm_equals_one_process(n: int) -> None:
+    results = _results(n)
+    expected = {f"P{p}/{split}/{dt}" for p in LAUNCHES[n] for split in
+                (["whole"] if p == 1 else ["uneven", "empty"]) for dt in ("float64", "float32")}
+    assert set(results) == expected
+    for case, figures in results.items():
+        check_equality(case, figures)
+        # one all-gather per forward and one all-reduce per backward, one buffer each
+        assert figures["calls_per_step"] == {"allgather": 1.0, "allreduce_sum": 1.0}, case
+        assert figures["raw_vs_adapter"] == 0.0, case
+
+
+def test_mpi_hung_collective_times_out_with_a_clear_error() -> None:
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="did not finish within 4 s"):
+        run_cases(2, "hang", {"sleep": 60}, "mpi", timeout=4)
+    assert time.monotonic() - start < 30  # killed, not waited for
+
+
+def test_mpi_failing_process_fails_the_launch() -> None:
+    with pytest.raises(LaunchError, match="deliberate failure on rank 1"):
+        run_cases(2, "fail", {}, "mpi", timeout=60)
+
+
+def test_sync_experiment_matches_one_process() -> None:
+    from batchnorm import data
+    from batchnorm.experiments import sync
+
+    try:
+        data.mnist5k_path()
+    except (ImportError, FileNotFoundError) as exc:  # pragma: no cover - experiments extra
+        pytest.skip(str(exc))
+
+    config = sync.Config(world_size=2, batch_per_process=3, steps=12, eval_every=6,
+                         hidden=(16, 16), timeout=120)
+    results = sync.run(config)
+    assert results.completed and results.steps == [0, 6, 12]
+    for arm in sync.ARMS:
+        assert len(results.accuracy[arm]) == 3
+    # SyncBN over 2 x 3 examples trains exactly like one process with batch 6
+    assert results.max_param_diff_sync_vs_single < 1e-5
+    gap = max(abs(a - b) for a, b in zip(results.accuracy["sync"], results.accuracy["single"],
+                                         strict=True))
+    assert gap <= 0.002  # float32 rounding may flip a test digit or two, no more
+    assert results.collective["syncbn_calls_per_step"] == 2 * 2  # 2 BN layers, fwd + bwd
+
+
+def test_sync_bench_counts_one_collective_per_forward_and_backward() -> None:
+    from batchnorm.distributed import bench
+
+    rows = bench.measure((1, 2), batch=8, rounds=2, warmup=1, timeout=120)
+    assert [r["processes"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["syncbn_calls_per_step"] == 6  # 3 BN layers x (1 all-gather + 1 all-reduce)
+        assert r["elements_per_call"] == {"allgather": 201, "allreduce_sum": 200}
+        assert r["step_sync_ms"] > 0 and r["syncbn_collectives_ms"] >= 0
+    assert "SyncBN collectives" in bench._table(rows, "title")
