@@ -1,0 +1,165 @@
+"""BN's weakness at small batches: test accuracy against batch size.
+
+The Figure 1 architecture (784-100-100-100-10, sigmoid, Xavier init unless ``init_std``) is
+trained with and without BN for the same number of epochs at batch sizes 2 to 64, with the
+learning rate scaled linearly by batch size (``lr * batch / base_batch``). Test accuracy is
+measured at inference, where BN uses its population (running) statistics. With tiny batches
+the per-batch mean and variance are noisy and differ from the population ones, so BN's
+advantage shrinks or reverses (as Ioffe 2017, "Batch Renormalization", and Wu & He 2018,
+"Group Normalization", report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchnorm import data as data_mod
+from batchnorm.experiments import common
+from batchnorm.nn.layers import mlp
+from batchnorm.nn.losses import CrossEntropyLoss
+from batchnorm.nn.optim import SGD
+
+NAME = "batch-size"
+
+
+@dataclass
+class Config:
+    batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
+    epochs: float = 5.0
+    steps: int | None = None  # when set: steps at the largest batch size, instead of epochs
+    lr: float = 0.5  # at base_batch; lr scales linearly with the batch size
+    base_batch: int = 64
+    momentum: float = 0.0
+    hidden: tuple[int, ...] = (100, 100, 100)
+    init_std: float | None = None  # None: Xavier
+    seed: int = 0
+    mnist_dir: str | None = None
+    checkpoint_every: int = 1  # finished nets between checkpoints
+    threads: int = 1
+
+
+@dataclass
+class Results:
+    config: dict[str, Any]
+    dataset: str
+    # one dict per net: batch_size, bn, lr, steps, accuracy, diverged, seconds
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    completed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Results:
+        return cls(**d)
+
+    def find(self, batch_size: int, bn: bool) -> dict[str, Any] | None:
+        for case in self.cases:
+            if (case["batch_size"], case["bn"]) == (batch_size, bn):
+                return case
+        return None
+
+
+def samples(config: Config, n_train: int) -> int:
+    """Training examples every net sees (the same for all batch sizes)."""
+    if config.steps is not None:
+        return config.steps * max(config.batch_sizes)
+    return int(config.epochs * n_train)
+
+
+def train_case(config: Config, data: data_mod.Dataset, batch: int, bn: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    sizes = [data.num_features, *config.hidden, data.num_classes]
+    init = "normal" if config.init_std is not None else "xavier"
+    net = mlp(sizes, "sigmoid", batch_norm=bn, init=init, std=config.init_std,
+              rng=np.random.default_rng([config.seed, 0]))
+    lr = config.lr * batch / config.base_batch
+    opt = SGD(net.parameters(), lr=lr, momentum=config.momentum)
+    loss_fn = CrossEntropyLoss()
+    sampler = common.BatchSampler(data.x_train, data.y_train, batch,
+                                  np.random.default_rng([config.seed, 1, batch]))
+    steps = max(1, samples(config, len(data.y_train)) // batch)
+    diverged = False
+    for _ in range(steps):
+        xb, yb = sampler.next()
+        opt.zero_grad()
+        loss = loss_fn.forward(net.forward(xb), yb)
+        if not np.isfinite(loss):
+            diverged = True
+            break
+        net.backward_params(loss_fn.backward())
+        opt.step()
+    acc = 0.0 if diverged else common.accuracy(net, data.x_test, data.y_test)
+    return {"batch_size": batch, "bn": bn, "lr": lr, "steps": steps, "accuracy": acc,
+            "diverged": diverged, "seconds": time.perf_counter() - started}
+
+
+def run(
+    config: Config | None = None,
+    *,
+    data: data_mod.Dataset | None = None,
+    progress: common.Progress = common.no_progress,
+    checkpoint: common.Checkpoint | None = None,
+) -> Results:
+    config = config or Config()
+    if min(config.batch_sizes) < 2:
+        raise ValueError("BN needs batches of at least 2 examples")
+    if data is None:
+        data = data_mod.load(config.mnist_dir, config.seed)
+    results = Results(config=common.jsonable(dataclasses.asdict(config)), dataset=data.describe())
+    if checkpoint is not None and checkpoint.state is not None:
+        results = Results.from_dict(checkpoint.state[1]["results"])
+    cases = [(b, bn) for b in config.batch_sizes for bn in (False, True)]
+    started = time.perf_counter() - results.seconds
+
+    def save() -> None:
+        if checkpoint is not None:
+            results.seconds = time.perf_counter() - started
+            checkpoint.save({}, {"experiment": NAME, "config": dataclasses.asdict(config),
+                                 "results": results.to_dict()})
+
+    with common.training(config.threads):
+        try:
+            for i, (batch, bn) in enumerate(cases):
+                if results.find(batch, bn) is not None:
+                    continue
+                progress(i, len(cases), f"batch-size {batch} {'BN' if bn else 'plain'}")
+                results.cases.append(train_case(config, data, batch, bn))
+                if checkpoint is not None and checkpoint.due(len(results.cases)):
+                    save()
+        except KeyboardInterrupt:
+            save()
+            raise
+    progress(len(cases), len(cases), "batch-size done")
+    results.seconds = time.perf_counter() - started
+    results.completed = True
+    save()
+    return results
+
+
+def summary(results: Results) -> list[tuple[str, str]]:
+    rows = []
+    for b in results.config["batch_sizes"]:
+        plain, bn = results.find(b, False), results.find(b, True)
+        if plain is None or bn is None:
+            continue
+        rows.append((f"batch-size {b} (lr {bn['lr']:.4g}, {bn['steps']:,} steps)",
+                     f"without BN {_acc(plain)}  |  with BN {_acc(bn)}"))
+    rows.append(("batch-size time", f"{results.seconds:.1f} s ({len(results.cases)} nets)"))
+    return rows
+
+
+def _acc(case: dict[str, Any]) -> str:
+    return "diverged" if case["diverged"] else f"{case['accuracy']:.4f}"
+
+
+def figures(results: Results) -> list[Any]:
+    from batchnorm import report
+
+    return report.batch_size_figures(results)
