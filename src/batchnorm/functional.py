@@ -12,6 +12,7 @@ Forward (per channel, over the m values that share it):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -61,8 +62,8 @@ class Layout:
             return np.ascontiguousarray(moved, dtype=dtype).reshape(
                 moved.size // channels, channels, 1
             )
-        outer = int(np.prod(self.shape[: self.axis], dtype=np.int64))
-        inner = int(np.prod(self.shape[self.axis + 1 :], dtype=np.int64))
+        outer = math.prod(self.shape[: self.axis])
+        inner = math.prod(self.shape[self.axis + 1 :])
         return np.ascontiguousarray(a, dtype=dtype).reshape(outer, channels, inner)
 
     def from3d(self, a3: np.ndarray) -> np.ndarray:
@@ -133,9 +134,10 @@ def _update_running(
     momentum: float,
 ) -> None:
     # running_var stores the unbiased variance, as PyTorch does
-    unbiased = m2 / (count - 1)
-    running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
+    running_mean *= 1.0 - momentum
+    running_mean += momentum * mean
+    running_var *= 1.0 - momentum
+    running_var += (momentum / (count - 1)) * m2  # the unbiased variance
 
 
 def batch_norm_forward(

@@ -22,7 +22,7 @@ from typing import Any
 from batchnorm.experiments import EXPERIMENTS, common, get
 
 # CLI option -> Config field of the same meaning
-OVERRIDES = ("steps", "seed", "lr", "init_std", "mnist_dir")
+OVERRIDES = ("steps", "seed", "lr", "init_std", "mnist_dir", "world_size")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_common_options(parser)
     parser.add_argument("--resume", metavar="DIR", default=None,
                         help="continue the interrupted run whose output folder is DIR")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="processes for the sync experiment (default 4)")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                         help="checkpoint every N steps (fig1) or N finished nets (sweeps)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -167,8 +169,9 @@ def execute(
     try:
         return module.run(config, data=data, progress=progress, checkpoint=ckpt)
     except KeyboardInterrupt:
-        print(f"\ncheckpoint saved to {ckpt.path}; continue with:\n"
-              f"  batchnorm experiment {module.NAME} --resume {out}", file=sys.stderr)
+        if ckpt.path.exists():
+            print(f"\ncheckpoint saved to {ckpt.path}; continue with:\n"
+                  f"  batchnorm experiment {module.NAME} --resume {out}", file=sys.stderr)
         raise
 
 
