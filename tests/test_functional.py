@@ -275,3 +275,36 @@ def test_backend_env_var(monkeypatch):
     monkeypatch.delenv("BATCHNORM_BACKEND")
     assert backends.resolve("auto") in backends.available()
     assert bn.functional.batch_norm(np.ones((2, 1)), None, None, training=True).shape == (2, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_training_passes_match_torch(dtype, rng, monkeypatch):
+    """Long contiguous channels take the numba backend's one-read fused passes."""
+    numba_backend = pytest.importorskip("batchnorm.backends.numba_backend")
+    calls = []
+
+    def spy(name):
+        real = getattr(numba_backend, name)
+
+        def wrapper(*args):
+            out = real(*args)
+            calls.append((name, out is not None))
+            return out
+
+        return wrapper
+
+    for name in ("fused_forward", "fused_backward"):
+        monkeypatch.setattr(numba_backend, name, spy(name))
+    shape = (3, 5, 2055)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight, bias = (rng.standard_normal(5) + 1).astype(dtype), rng.standard_normal(5).astype(dtype)
+    rm, rv = np.zeros(5, dtype), np.ones(5, dtype)
+    expected = _torch_bn(x, dy, weight, bias, rm.copy(), rv.copy(), True, 0.1, 1e-5, 1, dtype)
+    y, cache = F.batch_norm_forward(x, weight, bias, rm, rv, backend="numba")
+    dx, dw, db = F.batch_norm_backward(dy, cache)
+    assert calls == [("fused_forward", True), ("fused_backward", True)]
+    tol = TOL[dtype]
+    for ours, key in ((y, "y"), (dx, "dx"), (dw, "dw"), (db, "db"), (rm, "rm"), (rv, "rv")):
+        scale = max(1.0, float(np.abs(expected[key]).max()))
+        np.testing.assert_allclose(ours, expected[key], atol=tol * scale, rtol=tol)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from batchnorm import backends
+from batchnorm.formulas import grad_coefficients, inverse_std
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -193,9 +194,14 @@ def batch_norm_forward(
     impl = backends.get(name, x.dtype)
     x3 = layout.to3d(x, x.dtype)
 
+    count = x3.shape[0] * x3.shape[2]
+    fused_y3 = None
     if training:
-        count = x3.shape[0] * x3.shape[2]
-        if count:
+        fused = getattr(impl, "fused_forward", None)
+        done = fused(x3, weight, bias, eps) if fused and sync is None and count > 1 else None
+        if done is not None:
+            fused_y3, mean, m2 = done
+        elif count:
             mean, m2 = impl.channel_stats(x3)
         else:
             mean, m2 = np.zeros(channels), np.zeros(channels)
@@ -217,14 +223,13 @@ def batch_norm_forward(
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        count = x3.shape[0] * x3.shape[2]
         mean = running_mean.astype(np.float64)
         var = running_var.astype(np.float64)
 
-    rstd = 1.0 / np.sqrt(var + eps)
+    rstd = inverse_std(var, eps)
     scale = rstd if weight is None else rstd * weight
     shift = np.zeros(channels) if bias is None else bias.astype(np.float64)
-    y3 = impl.normalize(x3, mean, scale, shift)
+    y3 = impl.normalize(x3, mean, scale, shift) if fused_y3 is None else fused_y3
     cache = BatchNormCache(
         layout, x3, mean, rstd, weight, bias is not None, bool(training), count, name, sync
     )
@@ -251,24 +256,29 @@ def batch_norm_backward(
     impl = backends.get(cache.backend, x3.dtype)
     channels = x3.shape[1]
     w = np.ones(channels) if cache.weight is None else cache.weight.astype(np.float64)
-    a = w * cache.rstd
-    dweight = dbias = None
+    dx3 = None
     sum_dy = sum_dy_xmu = np.zeros(channels)
-    if x3.size and (cache.batch_stats or cache.weight is not None or cache.has_bias):
+    fused = getattr(impl, "fused_backward", None)  # one read of dy and x, where it pays
+    if fused is not None and cache.batch_stats and cache.sync is None and x3.size:
+        done = fused(dy3, x3, cache.mean, cache.rstd, cache.weight, cache.count)
+        if done is not None:
+            dx3, sum_dy, sum_dy_xmu = done
+    if (
+        dx3 is None
+        and x3.size
+        and (cache.batch_stats or cache.weight is not None or cache.has_bias)
+    ):
         sum_dy, sum_dy_xmu = impl.grad_sums(dy3, x3, cache.mean)
-    if cache.weight is not None:
-        dweight = sum_dy_xmu * cache.rstd
-    if cache.has_bias:
-        dbias = sum_dy.copy()
-    if cache.batch_stats:
-        if cache.sync is not None:
-            sum_dy, sum_dy_xmu = cache.sync.sum_grads(sum_dy, sum_dy_xmu)
-        m = max(cache.count, 1)
-        b = -a * cache.rstd**2 * sum_dy_xmu / m
-        c = -a * sum_dy / m
-    else:
-        b = c = np.zeros(channels)
-    dx3 = impl.grad_input(dy3, x3, cache.mean, a, b, c) if x3.size else np.empty_like(x3)
+    dweight = sum_dy_xmu * cache.rstd if cache.weight is not None else None
+    dbias = sum_dy.copy() if cache.has_bias else None
+    if dx3 is None:
+        if cache.batch_stats:
+            if cache.sync is not None:
+                sum_dy, sum_dy_xmu = cache.sync.sum_grads(sum_dy, sum_dy_xmu)
+            a, b, c = grad_coefficients(w, cache.rstd, sum_dy, sum_dy_xmu, max(cache.count, 1))
+        else:  # running statistics are constants: dx is dy scaled
+            a, b, c = w * cache.rstd, np.zeros(channels), np.zeros(channels)
+        dx3 = impl.grad_input(dy3, x3, cache.mean, a, b, c) if x3.size else np.empty_like(x3)
     return layout.from3d(dx3), dweight, dbias
 
 

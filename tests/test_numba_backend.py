@@ -1,0 +1,229 @@
+"""The numba backend against the numpy backend and PyTorch, on every kernel path.
+
+Small arrays run the serial builds; the ``parallel`` path forces the chunked builds (three
+chunks, whatever the thread count, so per-chunk partials are merged) and tiny two-pass
+blocks (so Chan merges between blocks run too). Compilation dominates this file's time,
+so the parallel path is checked in float32 only: its kernel bodies are the serial ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from batchnorm import backends  # noqa: E402
+from batchnorm import functional as F  # noqa: E402
+from batchnorm.backends import numba_backend as nb  # noqa: E402
+from batchnorm.backends import numpy_backend as npb  # noqa: E402
+
+# (outer, C, inner): rows kernels for inner < ROWS_MAX_INNER, segments kernels otherwise
+SHAPES3 = [
+    (7, 1, 1),  # C = 1
+    (13, 3, 1),  # C = 3, channels-last / 2-D rows
+    (2, 5, 1),  # N = 2
+    (5, 7, 11),  # short inner: rows kernels over C * inner columns
+    (2, 3, 50),  # C = 3, segments
+    (3, 5, 17),
+    (2, 2, 1009),  # long prime inner: several two-pass blocks per segment
+]
+TOL = {np.float32: {"rtol": 2e-6, "atol": 2e-6}, np.float64: {"rtol": 1e-12, "atol": 1e-12}}
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "parallel":
+        monkeypatch.setattr(nb, "PARALLEL_MIN", 0)
+        monkeypatch.setattr(nb, "CHUNKS", 3)
+        monkeypatch.setattr(nb, "BLOCK", 7)
+        monkeypatch.setattr(nb, "ROWS_BLOCK_MIN", 2)
+    return str(request.param)
+
+
+def _dtypes(path: str) -> list[Any]:
+    return [np.float32] if path == "parallel" else [np.float32, np.float64]
+
+
+def _data(shape: tuple[int, ...], dtype: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = (3.0 * rng.standard_normal(shape) + 5.0).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return x, dy
+
+
+def test_path_switches() -> None:
+    assert nb._rows(np.empty((4, 3, 1)))
+    assert not nb._rows(np.empty((4, 3, nb.ROWS_MAX_INNER)))
+    assert nb._chunks(10, 10) == 1  # small arrays: one chunk, the serial build
+
+
+@pytest.mark.parametrize("shape3", SHAPES3, ids=str)
+def test_kernels_match_numpy(path: str, shape3: tuple[int, int, int]) -> None:
+    for dtype in _dtypes(path):
+        x, dy = _data(shape3, dtype)
+        channels = shape3[1]
+        rng = np.random.default_rng(1)
+        mean, m2 = nb.channel_stats(x)
+        mean0, m20 = npb.channel_stats(x)
+        np.testing.assert_allclose(mean, mean0, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(m2, m20, rtol=1e-10, atol=1e-10)
+        assert mean.dtype == m2.dtype == np.float64 and mean.shape == (channels,)
+
+        scale, shift, c = (rng.standard_normal(channels) for _ in range(3))
+        y = nb.normalize(x, mean0, scale, shift)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        np.testing.assert_allclose(y, npb.normalize(x, mean0, scale, shift), **TOL[dtype])
+
+        sums = nb.grad_sums(dy, x, mean0)
+        sums0 = npb.grad_sums(dy, x, mean0)
+        for got, want in zip(sums, sums0, strict=True):
+            assert got.dtype == np.float64
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+        dx = nb.grad_input(dy, x, mean0, scale, shift, c)
+        assert dx.dtype == x.dtype
+        np.testing.assert_allclose(dx, npb.grad_input(dy, x, mean0, scale, shift, c), **TOL[dtype])
+
+
+# (shape, axis): 2-D..5-D, channels-last via axis=-1
+CASES = [
+    ((2, 5), 1),
+    ((60, 100), 1),
+    ((3, 1, 7), 1),
+    ((4, 3, 5, 7), 1),
+    ((2, 3, 4, 5, 6), 1),
+    ((3, 5, 7, 4), -1),
+    ((5, 6, 3), -1),
+    ((2, 17, 31), 1),
+]
+TORCH_TOL = {np.float32: {"rtol": 1e-4, "atol": 1e-5}, np.float64: {"rtol": 1e-10, "atol": 1e-10}}
+
+
+@pytest.mark.parametrize(("shape", "axis"), CASES, ids=str)
+def test_matches_torch(path: str, shape: tuple[int, ...], axis: int) -> None:
+    torch = pytest.importorskip("torch")
+    tF = torch.nn.functional
+    for dtype in _dtypes(path):
+        x, dy = _data(shape, dtype, seed=len(shape))
+        channels = shape[axis]
+        rng = np.random.default_rng(2)
+        w = (1.0 + 0.2 * rng.standard_normal(channels)).astype(dtype)
+        b = (0.3 * rng.standard_normal(channels)).astype(dtype)
+        rm, rv = np.zeros(channels, dtype), np.ones(channels, dtype)
+        y, cache = F.batch_norm_forward(x, w, b, rm, rv, training=True, axis=axis, backend="numba")
+        dx, dw, db = F.batch_norm_backward(dy, cache)
+
+        def to_torch(a: np.ndarray) -> Any:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            return t.movedim(-1, 1) if axis == -1 else t
+
+        xt = to_torch(x).requires_grad_(True)
+        wt = torch.from_numpy(w).requires_grad_(True)
+        bt = torch.from_numpy(b).requires_grad_(True)
+        rmt, rvt = torch.zeros(channels, dtype=xt.dtype), torch.ones(channels, dtype=xt.dtype)
+        yt = tF.batch_norm(xt, rmt, rvt, wt, bt, training=True)
+        dxt, dwt, dbt = torch.autograd.grad(yt, (xt, wt, bt), to_torch(dy))
+
+        def back(t: Any) -> np.ndarray:
+            t = t.detach()
+            return (t.movedim(1, -1) if axis == -1 else t).numpy()
+
+        tol = TORCH_TOL[dtype]
+        assert y.dtype == x.dtype and dx.dtype == x.dtype
+        np.testing.assert_allclose(y, back(yt), **tol)
+        np.testing.assert_allclose(dx, back(dxt), **tol)
+        np.testing.assert_allclose(dw, dwt.numpy(), **tol)
+        np.testing.assert_allclose(db, dbt.numpy(), **tol)
+        np.testing.assert_allclose(rm, rmt.numpy(), **tol)
+        np.testing.assert_allclose(rv, rvt.numpy(), **tol)
+
+        # eval forward with the updated running statistics
+        ye = F.batch_norm(x, rm, rv, w, b, training=False, axis=axis, backend="numba")
+        yet = tF.batch_norm(to_torch(x), rmt, rvt, wt.detach(), bt.detach(), training=False)
+        np.testing.assert_allclose(ye, back(yet), **tol)
+
+
+@pytest.mark.parametrize("shape3", [(4000, 2, 1), (4, 2, 1000)], ids=["rows", "segments"])
+def test_big_mean_float32_is_stable(path: str, shape3: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(3)
+    x64 = 1e4 + rng.standard_normal(shape3)
+    x = x64.astype(np.float32)
+    mean, m2 = nb.channel_stats(x)
+    exact = x.astype(np.float64)
+    count = shape3[0] * shape3[2]
+    want_mean = exact.mean(axis=(0, 2))
+    want_var = exact.var(axis=(0, 2))
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-13)
+    np.testing.assert_allclose(m2 / count, want_var, rtol=1e-9)
+    rstd = 1.0 / np.sqrt(want_var + 1e-5)
+    y = nb.normalize(x, want_mean, rstd, np.zeros(shape3[1]))
+    y64 = (exact - want_mean[None, :, None]) * rstd[None, :, None]
+    assert np.abs(y - y64).max() < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (2, 3, 40)], ids=str)
+def test_nan_reaches_the_check(path: str, shape: tuple[int, ...]) -> None:
+    x, _ = _data(shape, np.float32)
+    x.flat[5] = np.nan
+    channels = shape[1]
+    rm, rv = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    with pytest.raises(ValueError, match="non-finite"):
+        F.batch_norm(x, rm, rv, training=True, backend="numba")
+    assert np.all(rm == 0) and np.all(rv == 1)
+    y = F.batch_norm(x, rm, rv, training=False, backend="numba")
+    assert np.isnan(y.flat[5]) and np.isfinite(np.delete(y.ravel(), 5)).all()
+
+
+def test_empty_batch_and_float16_routing() -> None:
+    x = np.zeros((0, 3, 4), np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y = F.batch_norm(x, rm, rv, training=False, backend="numba")
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert nb.normalize(np.zeros((0, 3, 1), np.float64), *(np.zeros(3),) * 3).shape == (0, 3, 1)
+    assert backends.get("numba", np.float16) is npb
+    assert backends.get("numba", np.float32) is nb
+
+
+def test_fused_helpers_match_the_public_passes(path: str) -> None:
+    shape3 = (2, 13, 1031)  # segments of 4 KiB and more: fusable on both paths
+    eps = 1e-5
+    for dtype in _dtypes(path):
+        x, dy = _data(shape3, dtype)
+        channels = shape3[1]
+        count = shape3[0] * shape3[2]
+        rng = np.random.default_rng(4)
+        w = 1.0 + 0.2 * rng.standard_normal(channels)
+        b = rng.standard_normal(channels)
+        fused = nb.fused_forward(x, w, b, eps)
+        assert fused is not None
+        y, mean, m2 = fused
+        mean0, m20 = nb.channel_stats(x)
+        np.testing.assert_allclose(mean, mean0, rtol=1e-12)
+        np.testing.assert_allclose(m2, m20, rtol=1e-10)
+        rstd = 1.0 / np.sqrt(m20 / count + eps)
+        assert y.dtype == x.dtype
+        np.testing.assert_allclose(y, nb.normalize(x, mean0, rstd * w, b), **TOL[dtype])
+
+        back = nb.fused_backward(dy, x, mean0, rstd, w, count)
+        assert back is not None
+        dx, sum_dy, sum_dy_xmu = back
+        sum_dy0, sum_dy_xmu0 = nb.grad_sums(dy, x, mean0)
+        np.testing.assert_allclose(sum_dy, sum_dy0, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(sum_dy_xmu, sum_dy_xmu0, rtol=1e-10, atol=1e-10)
+        a = w * rstd
+        dx0 = nb.grad_input(
+            dy, x, mean0, a, -a * rstd**2 * sum_dy_xmu0 / count, -a * sum_dy0 / count
+        )
+        assert dx.dtype == x.dtype
+        np.testing.assert_allclose(dx, dx0, **TOL[dtype])
+
+
+def test_fused_helpers_decline_where_they_would_not_gain() -> None:
+    rows = np.zeros((64, 8, 1), np.float32)  # channels-last: no channel is contiguous
+    short = np.zeros((4, 8, 49), np.float32)  # 7x7 segments: strided, too short to stream
+    for x in (rows, short):
+        assert nb.fused_forward(x, None, None, 1e-5) is None
+        assert nb.fused_backward(x, x, np.zeros(8), np.ones(8), None, 64) is None
