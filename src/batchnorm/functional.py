@@ -25,11 +25,16 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 
 __all__ = [
     "BatchNormCache",
+    "NonFiniteBatchError",
     "StatsSync",
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
 ]
+
+
+class NonFiniteBatchError(ValueError):
+    """A training batch held NaN or inf; the running statistics were left unchanged."""
 
 
 class StatsSync(Protocol):
@@ -213,7 +218,7 @@ def batch_norm_forward(
             )
         bad = ~(np.isfinite(mean) & np.isfinite(m2))
         if bad.any():
-            raise ValueError(
+            raise NonFiniteBatchError(
                 f"non-finite values (NaN or inf) in the training batch, channels "
                 f"{np.flatnonzero(bad)[:10].tolist()}; running statistics were left unchanged"
             )

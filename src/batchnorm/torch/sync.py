@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.distributed.merge import merge_all
+from batchnorm.functional import NonFiniteBatchError
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -78,7 +79,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 f"{tuple(x.shape)} with 1 value per channel over the whole process group"
             )
         if not bool(torch.isfinite(mean).all() and torch.isfinite(m2).all()):
-            raise ValueError(
+            raise NonFiniteBatchError(
                 "non-finite values (NaN or inf) in the training batch of the process group; "
                 "running statistics were left unchanged"
             )

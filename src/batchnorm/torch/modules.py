@@ -1,0 +1,101 @@
+"""Drop-in ``BatchNorm1d/2d/3d`` for PyTorch, and ``convert_model`` to swap them into a model.
+
+Each class subclasses PyTorch's own (``isinstance(m, torch.nn.BatchNorm2d)`` holds; state_dict,
+repr, ``.to()``, DDP and optimizers behave as usual) and changes one thing: ``forward`` calls
+:func:`batchnorm.torch.function.batch_norm`, which runs our kernels where they apply and
+PyTorch's elsewhere (see :mod:`batchnorm.torch.function` for the dispatch rules).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from batchnorm.torch.function import batch_norm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", "revert_model"]
+
+
+class _Ours(_BatchNorm):
+    """PyTorch's ``_BatchNorm.forward`` line for line, calling our ``batch_norm``."""
+
+    backend: str = "auto"  # CPU backend: "auto", "numpy" or "numba" (set per instance if needed)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # batch statistics in training, and in eval when there are no running buffers
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # buffers are passed when they are updated (training and tracked) or used (eval)
+        buffers = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if buffers else None,
+            self.running_var if buffers else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
+            backend=self.backend,
+        )
+
+
+class BatchNorm1d(_Ours, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on batchnorm's kernels; same constructor and semantics."""
+
+
+class BatchNorm2d(_Ours, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on batchnorm's kernels; same constructor and semantics."""
+
+
+class BatchNorm3d(_Ours, nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on batchnorm's kernels; same constructor and semantics."""
+
+
+_TO_OURS: dict[type, type] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+_TO_TORCH: dict[type, type] = {ours: native for native, ours in _TO_OURS.items()}
+
+
+def _swap(module: nn.Module, mapping: dict[type, type]) -> nn.Module:
+    cls = mapping.get(type(module))
+    if cls is not None:
+        new: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
+        # the same parameters, buffers, mode and hooks; dicts copied so the two stay apart
+        state: dict[str, Any] = {
+            k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()
+        }
+        new.__dict__.update(state)
+        return new
+    for name, child in module.named_children():
+        swapped = _swap(child, mapping)
+        if swapped is not child:
+            setattr(module, name, swapped)
+    return module
+
+
+def convert_model(model: nn.Module) -> nn.Module:
+    """Swap every ``nn.BatchNorm1d/2d/3d`` in ``model`` for ours, in place; return the model.
+
+    The new modules share the old ones' parameters and buffers (optimizers built before keep
+    working) and keep their mode, device and dtype. Subclasses of PyTorch's classes
+    (``SyncBatchNorm``, a user's own) are left alone. When ``model`` itself is a batch norm,
+    the new module is returned (as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does).
+    """
+    return _swap(model, _TO_OURS)
+
+
+def revert_model(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert_model`: ours back to ``nn.BatchNorm1d/2d/3d``."""
+    return _swap(model, _TO_TORCH)
