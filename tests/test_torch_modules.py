@@ -16,16 +16,7 @@ from torch.autograd import gradcheck, gradgradcheck  # noqa: E402
 import batchnorm.torch as bt  # noqa: E402
 from batchnorm.torch import function  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_small_inputs(monkeypatch):
-    """Our kernels for these small inputs too (MIN_NUMEL = 0), and one torch thread (on a shared
-    2-core machine, OpenMP's spinning threads cost seconds)."""
-    monkeypatch.setattr(function, "MIN_NUMEL", 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_on_our_kernels")
 
 TOL = {torch.float32: {"atol": 2e-5, "rtol": 1e-4}, torch.float64: {"atol": 1e-10, "rtol": 1e-9}}
 

@@ -113,19 +113,19 @@ class Contender:
     first_call_s: float = 0.0
 
 
-def _median(values: list[float]) -> float:
+def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
-def _time_once(fn: Callable[[], Any]) -> float:
+def time_once(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def _alternate(contenders: list[Contender], repeats: int) -> None:
+def alternate(contenders: list[Contender], repeats: int) -> None:
     """Round-robin timing: every round times every (op, contender) once, in turn."""
     import gc
 
@@ -137,7 +137,7 @@ def _alternate(contenders: list[Contender], repeats: int) -> None:
             for op in OPS:
                 for c in contenders:
                     if op in c.ops:
-                        c.times.setdefault(op, []).append(_time_once(c.ops[op]))
+                        c.times.setdefault(op, []).append(time_once(c.ops[op]))
     finally:
         if enabled:
             gc.enable()
@@ -217,13 +217,13 @@ def _reference_times(data: dict[str, Any], case: Case, repeats: int) -> dict[str
     fwd: list[float] = []
     both: list[float] = []
     for _ in range(repeats):
-        fwd.append(_time_once(lambda: ref.forward(rows)))
-        both.append(_time_once(lambda: (ref.forward(rows), ref.backward(grads))))
+        fwd.append(time_once(lambda: ref.forward(rows)))
+        both.append(time_once(lambda: (ref.forward(rows), ref.backward(grads))))
     return {
         "case": case.name,
         "repeats": repeats,
-        "forward_ms": 1e3 * _median(fwd),
-        "forward_backward_ms": 1e3 * _median(both),
+        "forward_ms": 1e3 * median(fwd),
+        "forward_backward_ms": 1e3 * median(both),
     }
 
 
@@ -304,12 +304,12 @@ def _case_result(
     import numpy as np
 
     times = {
-        c.name: {op: 1e3 * _median(ts) for op, ts in c.times.items()}
+        c.name: {op: 1e3 * median(ts) for op, ts in c.times.items()}
         for c in contenders
         if c.name != "memcpy"
     }
     fastest = {c.name: {op: 1e3 * min(ts) for op, ts in c.times.items()} for c in contenders}
-    memcpy = next(1e3 * _median(c.times["forward"]) for c in contenders if c.name == "memcpy")
+    memcpy = next(1e3 * median(c.times["forward"]) for c in contenders if c.name == "memcpy")
     result: dict[str, Any] = {
         "name": case.name,
         "shape": list(case.shape),
@@ -442,16 +442,16 @@ def run(args: argparse.Namespace) -> int:
             contenders.append(_torch(data, case))
         contenders.append(_memcpy(data))
         for c in contenders:  # warm-up: first calls (JIT) timed apart, then two more rounds
-            c.first_call_s = sum(_time_once(fn) for fn in c.ops.values())
+            c.first_call_s = sum(time_once(fn) for fn in c.ops.values())
             first_calls[c.name] = first_calls.get(c.name, 0.0) + c.first_call_s
             for _ in range(2):
                 for fn in c.ops.values():
                     fn()
-        round_s = sum(_time_once(fn) for c in contenders for fn in c.ops.values())
+        round_s = sum(time_once(fn) for c in contenders for fn in c.ops.values())
         repeats = max(
             min(5, args.repeats), min(args.repeats, int(args.budget / max(round_s, 1e-9)))
         )
-        _alternate(contenders, repeats)
+        alternate(contenders, repeats)
         results.append(_case_result(case, args.dtype, axis, contenders, ours, repeats))
 
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

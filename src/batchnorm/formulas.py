@@ -1,8 +1,9 @@
 """BN's per-channel formulas, written once.
 
 Plain arithmetic, so the same functions run on NumPy arrays (in
-:mod:`batchnorm.functional`) and on scalars inside compiled kernels (the Numba backend
-wraps them with ``numba.njit``; the fused passes need them between their two sweeps).
+:mod:`batchnorm.functional`), on torch tensors (in :mod:`batchnorm.torch.sync`) and on scalars
+inside compiled kernels (the Numba backend wraps them with ``numba.njit``; the fused passes
+need them between their two sweeps).
 """
 
 from __future__ import annotations
@@ -24,3 +25,17 @@ def grad_coefficients(weight: Any, rstd: Any, sum_dy: Any, sum_dy_xmu: Any, coun
     """
     a = weight * rstd
     return a, -a * rstd * rstd * sum_dy_xmu / count, -a * sum_dy / count
+
+
+def running_stats(
+    running_mean: Any, running_var: Any, mean: Any, m2: Any, count: Any, momentum: float
+) -> tuple[Any, Any]:
+    """The running (mean, var) after a batch of ``count`` values with ``mean`` and ``m2``.
+
+    ``new = (1 - momentum) * old + momentum * batch`` (PyTorch's convention); the variance
+    averaged in is the unbiased ``m2 / (count - 1)``, as PyTorch stores it.
+    """
+    keep = 1.0 - momentum
+    new_mean = keep * running_mean + momentum * mean
+    new_var = keep * running_var + (momentum / (count - 1)) * m2
+    return new_mean, new_var

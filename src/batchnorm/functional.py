@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from batchnorm import backends
-from batchnorm.formulas import grad_coefficients, inverse_std
+from batchnorm.formulas import grad_coefficients, inverse_std, running_stats
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -131,21 +131,6 @@ def _layout(x: np.ndarray, axis: int) -> Layout:
     return Layout(tuple(x.shape), axis, channels_last)
 
 
-def _update_running(
-    running_mean: np.ndarray,
-    running_var: np.ndarray,
-    mean: np.ndarray,
-    m2: np.ndarray,
-    count: int,
-    momentum: float,
-) -> None:
-    # running_var stores the unbiased variance, as PyTorch does
-    running_mean *= 1.0 - momentum
-    running_mean += momentum * mean
-    running_var *= 1.0 - momentum
-    running_var += (momentum / (count - 1)) * m2  # the unbiased variance
-
-
 def batch_norm_forward(
     x: Any,
     weight: Any = None,
@@ -224,7 +209,9 @@ def batch_norm_forward(
             )
         var = m2 / count if count else np.ones(channels)
         if running_mean is not None and running_var is not None and count > 0:
-            _update_running(running_mean, running_var, mean, m2, count, momentum)
+            running_mean[...], running_var[...] = running_stats(
+                running_mean, running_var, mean, m2, count, momentum
+            )
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")

@@ -16,7 +16,10 @@ implements it. Adding an experiment is one line here plus its module, which prov
     and then; ``checkpoint`` (:class:`batchnorm.experiments.common.Checkpoint`) is saved
     periodically and on KeyboardInterrupt, and ``checkpoint.state`` resumes a run.
 ``Results``
-    the results dataclass, with ``to_dict()`` (JSON data) and ``from_dict(d)``.
+    the results dataclass, with ``to_dict()`` (JSON data) and ``from_dict(d)``
+    (:class:`batchnorm.experiments.common.JsonResults` gives both; sweeps over independent
+    nets use :class:`~batchnorm.experiments.common.SweepResults` and
+    :func:`~batchnorm.experiments.common.sweep`).
 ``summary(results) -> list[(label, value)]`` and ``figures(results) -> list[report.Figure]``
     the printed table rows and the report's figures.
 """

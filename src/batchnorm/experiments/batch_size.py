@@ -11,9 +11,8 @@ advantage shrinks or reverses (as Ioffe 2017, "Batch Renormalization", and Wu & 
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,27 +42,10 @@ class Config:
     threads: int = 1
 
 
-@dataclass
-class Results:
-    config: dict[str, Any]
-    dataset: str
-    # one dict per net: batch_size, bn, lr, steps, accuracy, diverged, seconds
-    cases: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-    completed: bool = False
+class Results(common.SweepResults):
+    """One dict per net: batch_size, bn, lr, steps, accuracy, diverged, seconds."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Results:
-        return cls(**d)
-
-    def find(self, batch_size: int, bn: bool) -> dict[str, Any] | None:
-        for case in self.cases:
-            if (case["batch_size"], case["bn"]) == (batch_size, bn):
-                return case
-        return None
+    KEY = ("batch_size", "bn")
 
 
 def samples(config: Config, n_train: int) -> int:
@@ -112,35 +94,10 @@ def run(
         raise ValueError("BN needs batches of at least 2 examples")
     if data is None:
         data = data_mod.load(config.mnist_dir, config.seed)
-    results = Results(config=common.jsonable(dataclasses.asdict(config)), dataset=data.describe())
-    if checkpoint is not None and checkpoint.state is not None:
-        results = Results.from_dict(checkpoint.state[1]["results"])
     cases = [(b, bn) for b in config.batch_sizes for bn in (False, True)]
-    started = time.perf_counter() - results.seconds
-
-    def save() -> None:
-        if checkpoint is not None:
-            results.seconds = time.perf_counter() - started
-            checkpoint.save({}, {"experiment": NAME, "config": dataclasses.asdict(config),
-                                 "results": results.to_dict()})
-
-    with common.training(config.threads):
-        try:
-            for i, (batch, bn) in enumerate(cases):
-                if results.find(batch, bn) is not None:
-                    continue
-                progress(i, len(cases), f"batch-size {batch} {'BN' if bn else 'plain'}")
-                results.cases.append(train_case(config, data, batch, bn))
-                if checkpoint is not None and checkpoint.due(len(results.cases)):
-                    save()
-        except KeyboardInterrupt:
-            save()
-            raise
-    progress(len(cases), len(cases), "batch-size done")
-    results.seconds = time.perf_counter() - started
-    results.completed = True
-    save()
-    return results
+    return common.sweep(NAME, Results, config, data, cases, train_case,
+                        lambda batch, bn: f"batch-size {batch} {'BN' if bn else 'plain'}",
+                        progress=progress, checkpoint=checkpoint)
 
 
 def summary(results: Results) -> list[tuple[str, str]]:

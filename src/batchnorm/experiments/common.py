@@ -1,17 +1,22 @@
-"""What the experiments share: batches, evaluation, checkpoints, progress and thread limits."""
+"""What the experiments share: results, sweeps, batches, evaluation, checkpoints, progress and
+thread limits."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from batchnorm.data import Dataset
 from batchnorm.nn.layers import Sequential
 from batchnorm.nn.module import Module
 
@@ -29,6 +34,92 @@ def no_progress(done: int, total: int, description: str) -> None:
 def jsonable(value: Any) -> Any:
     """Plain JSON data (tuples become lists), so results compare equal after a round trip."""
     return json.loads(json.dumps(value))
+
+
+# -- results ----------------------------------------------------------------------------
+ResultsT = TypeVar("ResultsT", bound="JsonResults")
+SweepT = TypeVar("SweepT", bound="SweepResults")
+
+
+class JsonResults:
+    """``to_dict`` / ``from_dict`` for a results dataclass whose fields are JSON data."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
+
+    @classmethod
+    def from_dict(cls: type[ResultsT], d: dict[str, Any]) -> ResultsT:
+        return cls(**d)
+
+
+@dataclass
+class SweepResults(JsonResults):
+    """A sweep's results: one dict per trained net, named by the values of its ``KEY`` fields."""
+
+    KEY: ClassVar[tuple[str, ...]] = ()
+    config: dict[str, Any]
+    dataset: str
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    completed: bool = False
+
+    def find(self, *key: Any) -> dict[str, Any] | None:
+        """The case whose ``KEY`` fields equal ``key``, or None when it has not run."""
+        for case in self.cases:
+            if tuple(case[k] for k in self.KEY) == key:
+                return case
+        return None
+
+
+def sweep(
+    name: str,
+    results_type: type[SweepT],
+    config: Any,
+    data: Dataset,
+    cases: list[tuple[Any, ...]],
+    train: Callable[..., dict[str, Any]],
+    label: Callable[..., str],
+    *,
+    weights: list[int] | None = None,
+    progress: Progress,
+    checkpoint: Checkpoint | None,
+) -> SweepT:
+    """Train ``train(config, data, *case)`` for every case not in the results yet, in order.
+
+    Resumes from ``checkpoint.state``, saves after every ``checkpoint.every`` finished cases
+    and on KeyboardInterrupt. ``weights`` (one per case, default 1) make progress fair to
+    cases of unequal cost.
+    """
+    results = results_type(config=jsonable(dataclasses.asdict(config)), dataset=data.describe())
+    if checkpoint is not None and checkpoint.state is not None:
+        results = results_type.from_dict(checkpoint.state[1]["results"])
+    weights = weights or [1] * len(cases)
+    total = sum(weights)
+    started = time.perf_counter() - results.seconds
+
+    def save() -> None:
+        if checkpoint is not None:
+            results.seconds = time.perf_counter() - started
+            checkpoint.save({}, {"experiment": name, "config": dataclasses.asdict(config),
+                                 "results": results.to_dict()})
+
+    with training(config.threads):
+        try:
+            for i, case in enumerate(cases):
+                if results.find(*case) is not None:
+                    continue
+                progress(sum(weights[:i]), total, label(*case))
+                results.cases.append(train(config, data, *case))
+                if checkpoint is not None and checkpoint.due(len(results.cases)):
+                    save()
+        except KeyboardInterrupt:
+            save()
+            raise
+    progress(total, total, f"{name} done")
+    results.seconds = time.perf_counter() - started
+    results.completed = True
+    save()
+    return results
 
 
 # -- random state -----------------------------------------------------------------------

@@ -14,9 +14,8 @@ budget reaches ``train_threshold``.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,28 +48,11 @@ class Config:
     threads: int = 1
 
 
-@dataclass
-class Results:
-    config: dict[str, Any]
-    dataset: str
-    # one dict per net: activation, depth, bn, grad_norms (per Linear, input side first),
-    # accuracy, final_loss (mean over the last 10% of steps), diverged, seconds
-    cases: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-    completed: bool = False
+class Results(common.SweepResults):
+    """One dict per net: activation, depth, bn, grad_norms (per Linear, input side first),
+    accuracy, final_loss (mean over the last 10% of steps), diverged, seconds."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Results:
-        return cls(**d)
-
-    def find(self, activation: str, depth: int, bn: bool) -> dict[str, Any] | None:
-        for case in self.cases:
-            if (case["activation"], case["depth"], case["bn"]) == (activation, depth, bn):
-                return case
-        return None
+    KEY = ("activation", "depth", "bn")
 
     def first_failure(self, activation: str, bn: bool) -> int | None:
         """The smallest depth whose net did not reach the threshold (None: all trained)."""
@@ -159,39 +141,11 @@ def run(
             raise ValueError(f"unknown activation {a!r}; expected one of {list(AUTO_INIT)}")
     if data is None:
         data = data_mod.load(config.mnist_dir, config.seed)
-    results = Results(config=common.jsonable(dataclasses.asdict(config)), dataset=data.describe())
-    if checkpoint is not None and checkpoint.state is not None:
-        results = Results.from_dict(checkpoint.state[1]["results"])
     cases = case_list(config)
-    started = time.perf_counter() - results.seconds
-
-    def save() -> None:
-        if checkpoint is not None:
-            results.seconds = time.perf_counter() - started
-            checkpoint.save({}, {"experiment": NAME, "config": dataclasses.asdict(config),
-                                 "results": results.to_dict()})
-
-    weights = [d for _, d, _ in cases]  # progress counts layers, a fair proxy for time
-    total = sum(weights)
-    with common.training(config.threads):
-        try:
-            for i, (activation, depth, bn) in enumerate(cases):
-                done = sum(weights[:i])
-                if results.find(activation, depth, bn) is not None:
-                    continue
-                label = f"depth {activation} {depth} {'BN' if bn else 'plain'}"
-                progress(done, total, label)
-                results.cases.append(train_case(config, data, activation, depth, bn))
-                if checkpoint is not None and checkpoint.due(len(results.cases)):
-                    save()
-        except KeyboardInterrupt:
-            save()
-            raise
-    progress(total, total, "depth done")
-    results.seconds = time.perf_counter() - started
-    results.completed = True
-    save()
-    return results
+    return common.sweep(NAME, Results, config, data, cases, train_case,
+                        lambda a, d, bn: f"depth {a} {d} {'BN' if bn else 'plain'}",
+                        weights=[d for _, d, _ in cases],  # layers: a fair proxy for time
+                        progress=progress, checkpoint=checkpoint)
 
 
 def summary(results: Results) -> list[tuple[str, str]]:

@@ -51,7 +51,7 @@ class Config:
 
 
 @dataclass
-class Results:
+class Results(common.JsonResults):
     """Histories at the evaluated steps, per net ("plain", "bn")."""
 
     config: dict[str, Any]
@@ -63,13 +63,6 @@ class Results:
     percentiles: dict[str, list[list[list[float]]]] = field(default_factory=dict)
     seconds: float = 0.0
     completed: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Results:
-        return cls(**d)
 
     def unit_percentiles(self, net: str, unit: int | None = None) -> np.ndarray:
         """(evals, 3) array of the 15/50/85th percentiles of one unit's input."""

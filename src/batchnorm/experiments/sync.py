@@ -58,7 +58,7 @@ class Config:
 
 
 @dataclass
-class Results:
+class Results(common.JsonResults):
     """Histories at the evaluated steps, per arm ("plain", "sync", "single")."""
 
     config: dict[str, Any]
@@ -70,13 +70,6 @@ class Results:
     collective: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     completed: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Results:
-        return cls(**d)
 
     def final(self, arm: str) -> float:
         return self.accuracy[arm][-1] if self.accuracy.get(arm) else float("nan")

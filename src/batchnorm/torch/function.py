@@ -274,14 +274,11 @@ def batch_norm(
     """
     momentum = 0.0 if momentum is None else float(momentum)
     if torch.compiler.is_compiling():  # torch.compile / torch.export trace PyTorch's op
-        return F.batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
-    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
-        return F.batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
-    kind = route(input, weight, bias, running_mean, running_var)
+        kind = "torch"
+    elif has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        kind = "torch"  # a tensor subclass or mode overrides batch_norm: let it
+    else:
+        kind = route(input, weight, bias, running_mean, running_var)
     if kind == "torch":
         return F.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps

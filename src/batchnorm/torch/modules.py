@@ -19,33 +19,43 @@ from batchnorm.torch.function import batch_norm
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", "revert_model"]
 
 
+def batch_norm_arguments(
+    module: _BatchNorm,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, bool, float]:
+    """PyTorch's ``_BatchNorm.forward`` up to its ``batch_norm`` call, line for line.
+
+    Counts the batch in ``num_batches_tracked`` (training); returns the (running_mean,
+    running_var, training, momentum) arguments of ``batch_norm``.
+    """
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(module.num_batches_tracked)
+    # batch statistics in training, and in eval when there are no running buffers
+    bn_training = module.training or (module.running_mean is None and module.running_var is None)
+    # buffers are passed when they are updated (training and tracked) or used (eval)
+    buffers = not module.training or module.track_running_stats
+    return (
+        module.running_mean if buffers else None,
+        module.running_var if buffers else None,
+        bn_training,
+        factor,
+    )
+
+
 class _Ours(_BatchNorm):
-    """PyTorch's ``_BatchNorm.forward`` line for line, calling our ``batch_norm``."""
+    """PyTorch's ``_BatchNorm.forward``, calling our ``batch_norm``."""
 
     backend: str = "auto"  # CPU backend: "auto", "numpy" or "numba" (set per instance if needed)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        # batch statistics in training, and in eval when there are no running buffers
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # buffers are passed when they are updated (training and tracked) or used (eval)
-        buffers = not self.training or self.track_running_stats
+        running_mean, running_var, bn_training, factor = batch_norm_arguments(self)
         return batch_norm(
-            input,
-            self.running_mean if buffers else None,
-            self.running_var if buffers else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            factor,
-            self.eps,
-            backend=self.backend,
-        )
+            input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
+            self.eps, backend=self.backend,
+        )  # fmt: skip
 
 
 class BatchNorm1d(_Ours, nn.BatchNorm1d):

@@ -27,7 +27,9 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.distributed.merge import merge_all
+from batchnorm.formulas import running_stats
 from batchnorm.functional import NonFiniteBatchError
+from batchnorm.torch.modules import batch_norm_arguments
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -86,9 +88,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if total > 0:
             var = m2 / total
             if running_mean is not None and running_var is not None:
-                unbiased = m2 / (total - 1)
-                running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mean)
-                running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * unbiased)
+                new_mean, new_var = running_stats(
+                    running_mean.to(acc), running_var.to(acc), mean, m2, total, momentum
+                )
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
         else:
             var = torch.ones_like(mean)
         invstd = torch.rsqrt(var + eps)
@@ -183,15 +187,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
-        running_mean = self.running_mean if keep else None
-        running_var = self.running_var if keep else None
+        running_mean, running_var, bn_training, factor = batch_norm_arguments(self)
         need_sync = (
             bn_training
             and self.training
