@@ -11,6 +11,7 @@ which is the steadier figure on a machine shared with other jobs.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -43,13 +44,20 @@ def kernels(x: np.ndarray, dy: np.ndarray) -> dict[str, Callable[[], object]]:
 
 
 def time_case(fns: dict[str, Callable[[], object]], repeats: int, use_min: bool) -> str:
-    """Warm up, then alternate the kernels round by round."""
+    """Warm up, then alternate the kernels round by round, in a shuffled order.
+
+    A fixed order favours a kernel that follows another pass over x (x is then warm in
+    cache); ``batchnorm bench`` shuffles for the same reason.
+    """
     for fn in fns.values():
         fn()
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = random.Random(0)
+    items = list(fns.items())
     for _ in range(repeats):
-        for k, fn in fns.items():
+        order.shuffle(items)
+        for k, fn in items:
             start = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - start)

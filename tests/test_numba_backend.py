@@ -187,8 +187,20 @@ def test_empty_batch_and_float16_routing() -> None:
     assert backends.get("numba", np.float32) is nb
 
 
-def test_fused_helpers_match_the_public_passes(path: str) -> None:
-    shape3 = (2, 13, 1031)  # segments of 4 KiB and more: fusable on both paths
+@pytest.mark.parametrize(
+    "shape3",
+    [
+        (2, 13, 1031),  # segments of 4 KiB: one channel per group
+        (3, 50, 49),  # 7x7-like segments: groups of three float32 channels, the last partial
+    ],
+    ids=str,
+)
+def test_fused_helpers_match_the_public_passes(
+    path: str, shape3: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # small runs, so that these small arrays make groups enough for three chunks
+    monkeypatch.setattr(nb, "FUSE_RUN_BYTES", 600)
+    monkeypatch.setattr(nb, "FUSE_MIN_RUN_BYTES", 300)
     eps = 1e-5
     for dtype in _dtypes(path):
         x, dy = _data(shape3, dtype)
@@ -221,9 +233,32 @@ def test_fused_helpers_match_the_public_passes(path: str) -> None:
         np.testing.assert_allclose(dx, dx0, **TOL[dtype])
 
 
-def test_fused_helpers_decline_where_they_would_not_gain() -> None:
+def test_fused_helpers_decline_where_they_would_not_gain(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = np.zeros((64, 8, 1), np.float32)  # channels-last: no channel is contiguous
-    short = np.zeros((4, 8, 49), np.float32)  # 7x7 segments: strided, too short to stream
+    short = np.zeros((4, 8, 49), np.float32)  # all 8 channels make a run of 1.5 KiB only
     for x in (rows, short):
         assert nb.fused_forward(x, None, None, 1e-5) is None
         assert nb.fused_backward(x, x, np.zeros(8), np.ones(8), None, 64) is None
+    monkeypatch.setattr(nb, "FUSE_MAX_BYTES", 8192)
+    assert nb._fusable(np.zeros((4, 8, 1024), np.float32), 1) == (0, 0)  # 16 KiB a channel
+    monkeypatch.setattr(nb, "CHUNKS", 2)
+    monkeypatch.setattr(nb, "FUSE_MAX_BYTES", 1 << 20)
+    lone = np.zeros((4, 1, 8192), np.float32)  # one channel would leave a thread idle
+    assert nb._fusable(lone, 1) == (0, 0)
+    assert nb._fusable(np.zeros((4, 3, 8192), np.float32), 1) == (2, 1)  # 2 + 1: fused
+
+
+def test_fused_group_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nb, "CHUNKS", 2)
+    monkeypatch.setattr(nb, "FUSE_RUN_BYTES", 16384)
+    monkeypatch.setattr(nb, "FUSE_MAX_BYTES", 4 << 20)
+
+    def group(shape: tuple[int, int, int], arrays: int) -> int:
+        return nb._fusable(np.empty(shape, np.float32), arrays)[1]
+
+    assert group((32, 2048, 49), 2) == 83  # 7x7 maps: 83 channels make 16 KiB runs
+    assert group((256, 2048, 49), 2) == 41  # ...fewer where dy and x would not fit 4 MiB
+    assert group((512, 2048, 49), 2) == 0  # ...and none where the runs would be under 4 KiB
+    assert group((32, 64, 3136), 2) == 1  # 56x56 maps: one channel a run
+    assert group((8, 3, 50176), 2) == 1  # 224x224 maps: one
+    assert group((64, 3, 50176), 1) == 0  # 12 MiB a channel: not fused

@@ -4,8 +4,8 @@ For each case, the median time of a training forward, a training forward+backwar
 autograd (``torch.autograd.grad`` of the output with respect to input, weight and bias) and
 an eval forward, for our module and PyTorch's, with the same thread count; and a
 ``Tensor.copy_`` of the same bytes (the memory-bandwidth floor). Every contender is warmed
-up first, then they alternate round by round (A B C A B C ...), so that allocator state and
-machine drift hit all alike.
+up first, then every round runs each once in a freshly shuffled order (seeded), so that
+allocator state, cache warmth left by the previous contender and machine drift hit all alike.
 """
 
 from __future__ import annotations
