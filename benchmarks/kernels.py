@@ -19,8 +19,8 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from batchnorm.backends import numba_backend as nb
 from batchnorm.bench import DEFAULT_CASES, parse_case
+from batchnorm.kernels import numba as nb
 
 
 def kernels(x: np.ndarray, dy: np.ndarray) -> dict[str, Callable[[], object]]:

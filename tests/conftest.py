@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from batchnorm import backends
+from batchnorm import kernels as backends
 
 BACKENDS = backends.available()
 

@@ -266,7 +266,7 @@ def test_backward_with_wrong_dy_shape():
 
 
 def test_backend_env_var(monkeypatch):
-    from batchnorm import backends
+    from batchnorm import kernels as backends
 
     monkeypatch.setenv("BATCHNORM_BACKEND", "numpy")
     assert backends.resolve("auto") == "numpy"
@@ -281,7 +281,7 @@ def test_backend_env_var(monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fused_training_passes_match_torch(dtype, rng, monkeypatch):
     """Long contiguous channels take the numba backend's one-read fused passes."""
-    numba_backend = pytest.importorskip("batchnorm.backends.numba_backend")
+    numba_backend = pytest.importorskip("batchnorm.kernels.numba")
     calls = []
 
     def spy(name):

@@ -15,10 +15,10 @@ import pytest
 
 pytest.importorskip("numba")
 
-from batchnorm import backends  # noqa: E402
 from batchnorm import functional as F  # noqa: E402
-from batchnorm.backends import numba_backend as nb  # noqa: E402
-from batchnorm.backends import numpy_backend as npb  # noqa: E402
+from batchnorm import kernels as backends  # noqa: E402
+from batchnorm.kernels import numba as nb  # noqa: E402
+from batchnorm.kernels import numpy as npb  # noqa: E402
 
 # (outer, C, inner): rows kernels for inner < ROWS_MAX_INNER, segments kernels otherwise
 SHAPES3 = [

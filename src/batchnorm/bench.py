@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "sync", False):
         return _dispatch("batchnorm.distributed.bench", "--sync", args)
 
-    from batchnorm import backends as bk
+    from batchnorm import kernels as bk
 
     cases = [parse_case(c) for c in (args.cases or DEFAULT_CASES)]
     fastest_first = sorted(bk.available(), key=lambda n: n != "numba")

@@ -2,7 +2,7 @@
 
 This module is the one place for BN's per-channel math: statistics, the running-average
 update, the normalizing affine map and the closed-form backward coefficients. The passes
-over the data themselves run in a backend (:mod:`batchnorm.backends`).
+over the data themselves run in a backend (:mod:`batchnorm.kernels`).
 
 Forward (per channel, over the m values that share it):
 ``mean``, biased ``var``, ``x_hat = (x - mean) * rstd`` with ``rstd = 1 / sqrt(var + eps)``,
@@ -12,14 +12,14 @@ Forward (per channel, over the m values that share it):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from batchnorm import backends
-from batchnorm.formulas import grad_coefficients, inverse_std, running_stats
+from batchnorm import kernels
+from batchnorm.layout import Layout, view
+from batchnorm.math import grad_coefficients, inverse_std, running_stats
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -51,33 +51,6 @@ class StatsSync(Protocol):
     def sum_grads(
         self, sum_dy: np.ndarray, sum_dy_xmu: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How an N-d array is seen as a C-contiguous (outer, C, inner) array, and back."""
-
-    shape: tuple[int, ...]
-    axis: int
-    channels_last: bool  # True: the channel axis was moved to the end of memory order
-
-    def to3d(self, a: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        channels = self.shape[self.axis]
-        if self.channels_last:
-            moved = np.moveaxis(a, self.axis, -1)
-            return np.ascontiguousarray(moved, dtype=dtype).reshape(
-                moved.size // channels, channels, 1
-            )
-        outer = math.prod(self.shape[: self.axis])
-        inner = math.prod(self.shape[self.axis + 1 :])
-        return np.ascontiguousarray(a, dtype=dtype).reshape(outer, channels, inner)
-
-    def from3d(self, a3: np.ndarray) -> np.ndarray:
-        if self.channels_last:
-            rest = self.shape[: self.axis] + self.shape[self.axis + 1 :]
-            moved_shape = rest + (self.shape[self.axis],)
-            return np.moveaxis(a3.reshape(moved_shape), -1, self.axis)
-        return a3.reshape(self.shape)
 
 
 @dataclass
@@ -115,20 +88,6 @@ def _channel_vector(value: Any, name: str, channels: int) -> np.ndarray | None:
             f"{name} must have shape ({channels},) to match the input's channels, got {arr.shape}"
         )
     return arr
-
-
-def _layout(x: np.ndarray, axis: int) -> Layout:
-    if x.ndim < 2:
-        raise ValueError(
-            f"batch_norm expects at least 2 dimensions (N, C, ...), got shape {x.shape}"
-        )
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis {axis} is out of range for an input with {x.ndim} dimensions")
-    axis %= x.ndim
-    if x.shape[axis] == 0:
-        raise ValueError(f"input of shape {x.shape} has no channels on axis {axis}")
-    channels_last = not x.flags.c_contiguous and np.moveaxis(x, axis, -1).flags.c_contiguous
-    return Layout(tuple(x.shape), axis, channels_last)
 
 
 def batch_norm_forward(
@@ -170,7 +129,7 @@ def batch_norm_forward(
             statistics are left as they were).
     """
     x = _float_array(x, "input")
-    layout = _layout(x, axis)
+    layout = view(x, axis)
     channels = x.shape[layout.axis]
     weight = _channel_vector(weight, "weight", channels)
     bias = _channel_vector(bias, "bias", channels)
@@ -180,15 +139,14 @@ def batch_norm_forward(
         raise ValueError("running_mean and running_var must be given together")
     if eps < 0:
         raise ValueError(f"eps must be non-negative, got {eps}")
-    name = backends.resolve(backend)
-    impl = backends.get(name, x.dtype)
+    name = kernels.resolve(backend)
+    impl = kernels.get(name, x.dtype)
     x3 = layout.to3d(x, x.dtype)
 
     count = x3.shape[0] * x3.shape[2]
     fused_y3 = None
     if training:
-        fused = getattr(impl, "fused_forward", None)
-        done = fused(x3, weight, bias, eps) if fused and sync is None and count > 1 else None
+        done = impl.fused_forward(x3, weight, bias, eps) if sync is None and count > 1 else None
         if done is not None:
             fused_y3, mean, m2 = done
         elif count:
@@ -245,14 +203,13 @@ def batch_norm_backward(
         )
     x3 = cache.x3
     dy3 = layout.to3d(dy, x3.dtype)
-    impl = backends.get(cache.backend, x3.dtype)
+    impl = kernels.get(cache.backend, x3.dtype)
     channels = x3.shape[1]
     w = np.ones(channels) if cache.weight is None else cache.weight.astype(np.float64)
     dx3 = None
     sum_dy = sum_dy_xmu = np.zeros(channels)
-    fused = getattr(impl, "fused_backward", None)  # one read of dy and x, where it pays
-    if fused is not None and cache.batch_stats and cache.sync is None and x3.size:
-        done = fused(dy3, x3, cache.mean, cache.rstd, cache.weight, cache.count)
+    if cache.batch_stats and cache.sync is None and x3.size:  # one read of dy and x, where it pays
+        done = impl.fused_backward(dy3, x3, cache.mean, cache.rstd, cache.weight, cache.count)
         if done is not None:
             dx3, sum_dy, sum_dy_xmu = done
     if (

@@ -13,7 +13,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import batchnorm
-    from batchnorm import backends
+    from batchnorm import kernels as backends
 
     print(f"batchnorm {batchnorm.__version__}, Python {platform.python_version()}")
     for name in ("numpy", "numba", "torch", "triton", "mpi4py", "matplotlib", "rich"):

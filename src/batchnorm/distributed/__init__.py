@@ -15,8 +15,8 @@ from batchnorm.distributed.comm import (
     TorchComm,
     as_communicator,
 )
-from batchnorm.distributed.merge import chan_merge, merge_all
 from batchnorm.distributed.syncbn import CollectiveStats, SyncBatchNorm, convert_sync_batchnorm
+from batchnorm.math import chan_merge, merge_all
 
 __all__ = [
     "CollectiveStats",

@@ -2,7 +2,7 @@
 
 Forward, per channel: each process computes (count, mean, M2) of its own slice; ONE
 all-gather of one buffer ``[count, mean(C), M2(C)]``; every process merges the P summaries
-with Chan's pairwise formula (:mod:`batchnorm.distributed.merge`) into the statistics of
+with Chan's pairwise formula (:mod:`batchnorm.math`) into the statistics of
 the whole batch. Backward: ONE all-reduce of one buffer ``[sum(dy)(C), sum(dy*(x-mean))(C)]``
 gives the two global sums of the closed-form dx. Parameter gradients stay this process's
 sums, as in PyTorch: data-parallel training all-reduces them with the other gradients.
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from batchnorm.distributed.comm import Communicator, as_communicator
-from batchnorm.distributed.merge import merge_all
+from batchnorm.math import merge_all
 from batchnorm.nn.batchnorm import _BatchNorm
 from batchnorm.nn.module import Module
 

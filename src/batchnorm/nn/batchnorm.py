@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from batchnorm import functional as F
+from batchnorm.math import module_call
 from batchnorm.nn.module import Module, Parameter
 
 
@@ -29,7 +30,7 @@ class _BatchNorm(Module):
         track_running_stats: keep running_mean, running_var and num_batches_tracked.
         dtype: dtype of parameters and buffers. Default float32.
         axis: channel axis of the input: 1 for (N, C, ...), -1 for channels-last.
-        backend: "auto", "numpy" or "numba" (see :mod:`batchnorm.backends`).
+        backend: "auto", "numpy" or "numba" (see :mod:`batchnorm.kernels`).
         bias: with ``affine``, whether to learn the shift (keyword only, as in PyTorch).
 
     Inputs of another float dtype are accepted; the output keeps the input's dtype.
@@ -112,27 +113,27 @@ class _BatchNorm(Module):
         x = np.asarray(x)
         self._check_input(x)
         tracked = self.num_batches_tracked
-        counting = self.training and self.track_running_stats and tracked is not None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if counting and tracked is not None and self.momentum is None:  # cumulative average
-            momentum = 1.0 / (int(tracked) + 1)
-        # batch statistics in training, and always when there are no running estimates
-        use_batch = self.training or self.running_mean is None
-        pass_buffers = not self.training or self.track_running_stats
+        call = module_call(
+            self.training,
+            self.track_running_stats,
+            self.running_mean is not None and tracked is not None,
+            self.momentum,
+            lambda: int(tracked),  # type: ignore[arg-type]
+        )
         y, self._cache = F.batch_norm_forward(
             x,
             None if self.weight is None else self.weight.data,
             None if self.bias is None else self.bias.data,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
-            training=use_batch,
-            momentum=momentum,
+            self.running_mean if call.pass_buffers else None,
+            self.running_var if call.pass_buffers else None,
+            training=call.batch_stats,
+            momentum=call.momentum,
             eps=self.eps,
             axis=self.axis,
             backend=self.backend,
-            sync=self._sync() if use_batch else None,
+            sync=self._sync() if call.batch_stats else None,
         )
-        if counting and tracked is not None:  # after the forward: a rejected batch changes nothing
+        if call.count_batch and tracked is not None:  # after: a rejected batch changes nothing
             tracked += 1
         return y
 

@@ -118,7 +118,7 @@ def format_table(results: list[dict[str, Any]], threads: int, dtype: str) -> str
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from batchnorm import backends
+    from batchnorm import kernels as backends
     from batchnorm.torch import function
 
     cases = [_parse_case(c) for c in (getattr(args, "cases", None) or DEFAULT_CASES)]

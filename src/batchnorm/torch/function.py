@@ -287,7 +287,7 @@ def batch_norm(
 ) -> torch.Tensor:
     """Same arguments and meaning as ``torch.nn.functional.batch_norm``.
 
-    ``backend`` picks the CPU backend of :mod:`batchnorm.backends` ("auto", "numpy", "numba").
+    ``backend`` picks the CPU backend of :mod:`batchnorm.kernels` ("auto", "numpy", "numba").
     """
     momentum = 0.0 if momentum is None else float(momentum)
     if torch.compiler.is_compiling():  # torch.compile / torch.export trace PyTorch's op

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.math import module_call
 from batchnorm.torch.function import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", "revert_model"]
@@ -22,25 +23,26 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", "revert
 def batch_norm_arguments(
     module: _BatchNorm,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool, float]:
-    """PyTorch's ``_BatchNorm.forward`` up to its ``batch_norm`` call, line for line.
+    """PyTorch's ``_BatchNorm.forward`` up to its ``batch_norm`` call (:func:`module_call`).
 
     Counts the batch in ``num_batches_tracked`` (training); returns the (running_mean,
     running_var, training, momentum) arguments of ``batch_norm``.
     """
-    factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(module.num_batches_tracked)
-    # batch statistics in training, and in eval when there are no running buffers
-    bn_training = module.training or (module.running_mean is None and module.running_var is None)
-    # buffers are passed when they are updated (training and tracked) or used (eval)
-    buffers = not module.training or module.track_running_stats
+    tracked = module.num_batches_tracked
+    call = module_call(
+        module.training,
+        module.track_running_stats,
+        module.running_mean is not None and tracked is not None,
+        module.momentum,
+        lambda: int(tracked),  # type: ignore[arg-type]
+    )
+    if call.count_batch and tracked is not None:
+        tracked.add_(1)
     return (
-        module.running_mean if buffers else None,
-        module.running_var if buffers else None,
-        bn_training,
-        factor,
+        module.running_mean if call.pass_buffers else None,
+        module.running_var if call.pass_buffers else None,
+        call.batch_stats,
+        call.momentum,
     )
 
 

@@ -5,7 +5,7 @@ the process group's backend does, with the algorithm of :mod:`batchnorm.distribu
 
 * forward: per-channel (count, mean, M2) of this process's slice (float64 on CPU, float32
   on GPU unless the input is float64); ONE all-gather of ``[count, mean, M2]``; Chan's
-  pairwise merge (:func:`batchnorm.distributed.merge.merge_all`, the same code as the
+  pairwise merge (:func:`batchnorm.math.merge_all`, the same code as the
   NumPy module) gives the statistics of the whole batch, exact with uneven and empty
   slices;
 * backward: ONE all-reduce of ``[sum(dy), sum(dy * (x - mean))]``, then the closed-form dx.
@@ -26,9 +26,8 @@ import torch.nn.functional as TF
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.distributed.merge import merge_all
-from batchnorm.formulas import running_stats
 from batchnorm.functional import NonFiniteBatchError
+from batchnorm.math import merge_all, running_stats
 from batchnorm.torch.modules import batch_norm_arguments
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]

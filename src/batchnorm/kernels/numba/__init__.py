@@ -1,6 +1,6 @@
 """The Numba backend: parallel CPU kernels for float32 and float64.
 
-Same four functions as every backend (see :mod:`batchnorm.backends`), over a C-contiguous
+Same four functions as every backend (see :mod:`batchnorm.kernels`), over a C-contiguous
 ``(outer, C, inner)`` array. Two kernel families cover every layout without copying:
 
 *segments* (``inner >= ROWS_MAX_INNER``, e.g. contiguous NCHW, also 7x7 maps)
@@ -54,7 +54,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from batchnorm import formulas
+from batchnorm import math
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -93,8 +93,8 @@ CHUNKS: int | None = None  # force the number of chunks (tests); None: numba's t
 
 
 # --- helpers ------------------------------------------------------------------------------
-_inverse_std = njit(**FLAGS)(formulas.inverse_std)
-_grad_coefficients = njit(**FLAGS)(formulas.grad_coefficients)
+_inverse_std = njit(**FLAGS)(math.inverse_std)
+_grad_coefficients = njit(**FLAGS)(math.grad_coefficients)
 
 
 @njit(**FLAGS)

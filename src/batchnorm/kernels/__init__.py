@@ -1,0 +1,106 @@
+"""The kernel layer: the passes over the data, behind one interface.
+
+Every implementation (``numpy``, ``numba``; ``triton`` for torch tensors on the GPU) is a
+module providing :class:`Kernels` over a C-contiguous array viewed as ``(outer, C, inner)``
+(:mod:`batchnorm.layout`; channels are the middle axis, ``inner == 1`` is channels-last).
+The per-channel vectors (mean, scale, a, b, c) are float64 arrays of shape (C,), computed by
+:mod:`batchnorm.functional` from :mod:`batchnorm.math`; kernels hold no BN formula of their
+own except where they call, or name, the one in :mod:`batchnorm.math`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Protocol, cast
+
+import numpy as np
+
+NAMES = ("numpy", "numba")
+_loaded: dict[str, Kernels] = {}
+
+
+class Kernels(Protocol):
+    """The passes one implementation provides; the fused ones may decline with None."""
+
+    DTYPES: tuple[np.dtype, ...]  # the dtypes it computes; others go to numpy
+
+    def channel_stats(self, x3: Any) -> tuple[Any, Any]:
+        """Per-channel ``(mean, m2)``: the mean and the sum of squared deviations, float64."""
+
+    def normalize(self, x3: Any, mean: Any, scale: Any, shift: Any) -> Any:
+        """``y = (x - mean) * scale + shift`` in x's dtype (training and eval forward)."""
+
+    def grad_sums(self, dy3: Any, x3: Any, mean: Any) -> tuple[Any, Any]:
+        """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``, float64."""
+
+    def grad_input(self, dy3: Any, x3: Any, mean: Any, a: Any, b: Any, c: Any) -> Any:
+        """``dx = a * dy + b * (x - mean) + c`` in x's dtype."""
+
+    def fused_forward(
+        self, x3: Any, weight: Any | None, bias: Any | None, eps: float
+    ) -> tuple[Any, Any, Any] | None:
+        """Training forward reading x once: ``(y3, mean, m2)``, or None where it would not pay.
+
+        The same numbers as ``channel_stats`` then ``normalize`` with
+        ``scale = weight * inverse_std(m2 / count, eps)`` and ``shift = bias``.
+        """
+
+    def fused_backward(
+        self, dy3: Any, x3: Any, mean: Any, rstd: Any, weight: Any | None, count: int
+    ) -> tuple[Any, Any, Any] | None:
+        """Training backward reading dy and x once: ``(dx3, sum_dy, sum_dy_xmu)``, or None.
+
+        The same numbers as ``grad_sums`` then ``grad_input`` with the coefficients of
+        :func:`batchnorm.math.grad_coefficients`.
+        """
+
+
+def _load(name: str) -> Kernels:
+    if name not in _loaded:
+        _loaded[name] = cast(Kernels, importlib.import_module(f"batchnorm.kernels.{name}"))
+    return _loaded[name]
+
+
+def available() -> list[str]:
+    """Names of the implementations that import on this machine."""
+    names = []
+    for name in NAMES:
+        try:
+            _load(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def resolve(name: str = "auto") -> str:
+    """The implementation that ``name`` stands for.
+
+    ``"auto"`` means ``$BATCHNORM_BACKEND`` when set, else the fastest one installed.
+    An explicit name is taken as it is and must be installed.
+    """
+    if name == "auto":
+        forced = os.environ.get("BATCHNORM_BACKEND", "").strip().lower()
+        if forced and forced != "auto":
+            name = forced
+        else:
+            return "numba" if "numba" in available() else "numpy"
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {NAMES}")
+    try:
+        _load(name)
+    except ImportError as exc:
+        raise ImportError(
+            f"backend {name!r} is not installed ({exc}); install the 'fast' extra "
+            "(pip install 'batchnorm[fast]') or use backend='numpy'"
+        ) from exc
+    return name
+
+
+def get(name: str = "auto", dtype: Any = None) -> Kernels:
+    """The kernels for ``name``; numpy's when that implementation cannot compute ``dtype``."""
+    module = _load(resolve(name))
+    if dtype is not None and np.dtype(dtype) not in module.DTYPES:
+        module = _load("numpy")
+    return module
