@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from batchnorm.bench import DEFAULT_CASES, parse_case
+from batchnorm.app.bench.timing import DEFAULT_CASES, parse_case
 from batchnorm.kernels import numba as nb
 
 

@@ -51,38 +51,3 @@ def test_mpi_hung_collective_times_out_with_a_clear_error() -> None:
 def test_mpi_failing_process_fails_the_launch() -> None:
     with pytest.raises(LaunchError, match="deliberate failure on rank 1"):
         run_cases(2, "fail", {}, "mpi", timeout=60)
-
-
-def test_sync_experiment_matches_one_process() -> None:
-    from batchnorm import data
-    from batchnorm.experiments import sync
-
-    try:
-        data.mnist5k_path()
-    except (ImportError, FileNotFoundError) as exc:  # pragma: no cover - experiments extra
-        pytest.skip(str(exc))
-
-    config = sync.Config(world_size=2, batch_per_process=3, steps=12, eval_every=6,
-                         hidden=(16, 16), timeout=120)
-    results = sync.run(config)
-    assert results.completed and results.steps == [0, 6, 12]
-    for arm in sync.ARMS:
-        assert len(results.accuracy[arm]) == 3
-    # SyncBN over 2 x 3 examples trains exactly like one process with batch 6
-    assert results.max_param_diff_sync_vs_single < 1e-5
-    gap = max(abs(a - b) for a, b in zip(results.accuracy["sync"], results.accuracy["single"],
-                                         strict=True))
-    assert gap <= 0.002  # float32 rounding may flip a test digit or two, no more
-    assert results.collective["syncbn_calls_per_step"] == 2 * 2  # 2 BN layers, fwd + bwd
-
-
-def test_sync_bench_counts_one_collective_per_forward_and_backward() -> None:
-    from batchnorm.distributed import bench
-
-    rows = bench.measure((1, 2), batch=8, rounds=2, warmup=1, timeout=120)
-    assert [r["processes"] for r in rows] == [1, 2]
-    for r in rows:
-        assert r["syncbn_calls_per_step"] == 6  # 3 BN layers x (1 all-gather + 1 all-reduce)
-        assert r["elements_per_call"] == {"allgather": 201, "allreduce_sum": 200}
-        assert r["step_sync_ms"] > 0 and r["syncbn_collectives_ms"] >= 0
-    assert "SyncBN collectives" in bench._table(rows, "title")

@@ -338,21 +338,3 @@ def test_imports_without_triton_and_batchnorm_without_torch() -> None:
     )
     res = _run(no_torch)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
-
-
-def test_bench_torch_runs(capsys, tmp_path) -> None:
-    import argparse
-    import json
-
-    from batchnorm.torch import bench
-
-    out = tmp_path / "bench.json"
-    args = argparse.Namespace(
-        cases=["40x1000", "4x8x8x8/cl"], repeats=1, budget=0.0, backends="numpy", json=str(out)
-    )
-    assert bench.run(args) == 0
-    text = capsys.readouterr().out
-    assert "40x1000" in text and "4x8x8x8 cl" in text and "fwd+bwd" in text
-    results = json.loads(out.read_text())["results"]
-    assert [r["rounds"] for r in results] == [5, 5]
-    assert set(results[0]["ms"]) == {"ours", "torch", "copy"}

@@ -1,5 +1,5 @@
-"""What the experiments share: results, sweeps, batches, evaluation, checkpoints, progress and
-thread limits."""
+"""What the experiments share: the training step, results, sweeps, batches, evaluation,
+checkpoints, progress and thread limits."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from batchnorm.data import Dataset
+from batchnorm.app.data import Dataset
 from batchnorm.nn.layers import Sequential
 from batchnorm.nn.module import Module
 
@@ -34,6 +34,46 @@ def no_progress(done: int, total: int, description: str) -> None:
 def jsonable(value: Any) -> Any:
     """Plain JSON data (tuples become lists), so results compare equal after a round trip."""
     return json.loads(json.dumps(value))
+
+
+# -- the training step ------------------------------------------------------------------
+def train_step(model: Any, loss_fn: Any, optimizer: Any, x: np.ndarray, y: np.ndarray) -> float:
+    """One step of SGD training: zero the gradients, forward, loss, backward, update.
+
+    Returns the loss. A non-finite loss is the caller's to act on (the experiments stop
+    training a diverged net); its update has then already been applied.
+    """
+    optimizer.zero_grad()
+    loss = loss_fn.forward(model.forward(x), y)
+    model.backward_params(loss_fn.backward())
+    optimizer.step()
+    return float(loss)
+
+
+class AveragedGradients:
+    """An optimizer whose ``step`` first averages the gradients over processes (one
+    all-reduce of all of them): data-parallel training through :func:`train_step`."""
+
+    def __init__(self, optimizer: Any, comm: Any, size: int) -> None:
+        self.optimizer, self.comm, self.size = optimizer, comm, size
+        self.seconds = 0.0  # spent in the all-reduce
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self) -> None:
+        grads = [p.grad for p in self.optimizer.params if p.grad is not None]
+        started = time.perf_counter()
+        # float64 sums: the average does not depend on how many processes add up
+        flat = self.comm.allreduce_sum(np.concatenate([g.ravel() for g in grads],
+                                                      dtype=np.float64))
+        self.seconds += time.perf_counter() - started
+        flat /= self.size
+        offset = 0
+        for g in grads:
+            g[...] = flat[offset : offset + g.size].reshape(g.shape)
+            offset += g.size
+        self.optimizer.step()
 
 
 # -- results ----------------------------------------------------------------------------

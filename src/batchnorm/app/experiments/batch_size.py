@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm import data as data_mod
-from batchnorm.experiments import common
+from batchnorm.app import data as data_mod
+from batchnorm.app.experiments import common
 from batchnorm.nn.layers import mlp
 from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
@@ -70,13 +70,9 @@ def train_case(config: Config, data: data_mod.Dataset, batch: int, bn: bool) -> 
     diverged = False
     for _ in range(steps):
         xb, yb = sampler.next()
-        opt.zero_grad()
-        loss = loss_fn.forward(net.forward(xb), yb)
-        if not np.isfinite(loss):
+        if not np.isfinite(common.train_step(net, loss_fn, opt, xb, yb)):
             diverged = True
             break
-        net.backward_params(loss_fn.backward())
-        opt.step()
     acc = 0.0 if diverged else common.accuracy(net, data.x_test, data.y_test)
     return {"batch_size": batch, "bn": bn, "lr": lr, "steps": steps, "accuracy": acc,
             "diverged": diverged, "seconds": time.perf_counter() - started}
@@ -117,6 +113,32 @@ def _acc(case: dict[str, Any]) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm import report
+    """The report's figures (report.Figure), drawn with matplotlib."""
+    from batchnorm.app import report
 
-    return report.batch_size_figures(results)
+    plt = report.plt()
+    sizes = list(results.config["batch_sizes"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for bn, n in ((False, "plain"), (True, "bn")):
+        cases = [results.find(b, bn) for b in sizes]
+        xs = [b for b, c in zip(sizes, cases, strict=True) if c is not None]
+        ax.plot(xs, [c["accuracy"] for c in cases if c is not None], "o-", color=report.COLORS[n],
+                label=report.LABELS[n])
+    ax.set_xscale("log", base=2)
+    ax.set(title="test accuracy (population statistics) vs batch size", xlabel="batch size",
+           ylabel="accuracy")
+    ax.legend()
+    report.tidy(ax)
+    fig.tight_layout()
+    parts = []
+    for b in sizes:
+        p, q = results.find(b, False), results.find(b, True)
+        if p is not None and q is not None:
+            parts.append(f"batch {b}: {p['accuracy']:.3f} / {q['accuracy']:.3f}")
+    shows = ("Same number of training examples for every batch size, learning rate "
+             f"{results.config['lr']} x batch / {results.config['base_batch']}. Test accuracy "
+             "without / with BN: " + "; ".join(parts) + ".")
+    claim = ("BN's statistics are estimated per batch: with very small batches they are noisy "
+             "and unlike the population statistics used at inference, so BN degrades "
+             "(Ioffe 2017, Batch Renormalization; Wu & He 2018, Group Normalization).")
+    return [report.Figure("batch_size", fig, "Batch size", shows, claim)]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchnorm import cli, functional
-from batchnorm.gradcheck import check_gradients
+from batchnorm import functional
+from batchnorm.app import cli
+from batchnorm.app.gradcheck import check_gradients
 
 
 def test_tour_prints_the_seed_numbers(capsys):

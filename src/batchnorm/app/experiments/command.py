@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from batchnorm.experiments import EXPERIMENTS, common, get
+from batchnorm.app.experiments import EXPERIMENTS, common, get
 
 # CLI option -> Config field of the same meaning
 OVERRIDES = ("steps", "seed", "lr", "init_std", "mnist_dir", "world_size")
@@ -194,7 +194,8 @@ def write_outputs(
     out: Path, done: Sequence[tuple[ModuleType, Any]], title: str, preamble: str = ""
 ) -> Path:
     """results.json, NAME.png figures and report.html in ``out``; returns the report's path."""
-    from batchnorm import __version__, report
+    from batchnorm import __version__
+    from batchnorm.app import report
 
     out.mkdir(parents=True, exist_ok=True)
     payload = {"batchnorm": __version__,

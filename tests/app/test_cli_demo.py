@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from batchnorm import cli
-from batchnorm.experiments import command, common, fig1
+from batchnorm.app import cli
+from batchnorm.app.experiments import command, common, fig1
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from batchnorm.experiments.command import add_common_options
+    from batchnorm.app.experiments.command import add_common_options
 
     add_common_options(parser, steps_help=f"fig1 training steps (default {DEMO_STEPS:,})")
     parser.set_defaults(steps=DEMO_STEPS)
@@ -39,8 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchnorm import data as data_mod
-    from batchnorm.experiments import command, depth, fig1
+    from batchnorm.app import data as data_mod
+    from batchnorm.app.experiments import command, depth, fig1
 
     out = Path(args.out) if args.out else command.default_out("demo")
     seed = 0 if args.seed is None else args.seed

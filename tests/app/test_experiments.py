@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from batchnorm import data as data_mod
-from batchnorm.experiments import EXPERIMENTS, batch_size, command, common, depth, fig1, get
+from batchnorm.app import data as data_mod
+from batchnorm.app.experiments import EXPERIMENTS, batch_size, command, common, depth, fig1, get
 
 
 @pytest.fixture(autouse=True)

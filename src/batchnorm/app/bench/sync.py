@@ -1,4 +1,4 @@
-"""``batchnorm bench --sync``: what SyncBatchNorm's collectives cost in a training step.
+"""``batchnorm bench --level sync``: what SyncBatchNorm's collectives cost in a training step.
 
 For P = 1, 2 and 4 real processes (MPI by default, or gloo), each process trains the
 Fig. 1 network (784-100-100-100-10, BatchNorm1d before each sigmoid) on its own batch of
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
@@ -26,11 +25,16 @@ SIZES = (784, 100, 100, 100, 10)
 
 def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """One process: alternate plain and SyncBN steps; per-step timings of this process."""
+    from batchnorm.app.experiments.common import AveragedGradients, blas_threads, train_step
     from batchnorm.distributed import TimedComm, convert_sync_batchnorm
     from batchnorm.nn.layers import mlp
     from batchnorm.nn.losses import CrossEntropyLoss
     from batchnorm.nn.optim import SGD
 
+    if payload["backend"] == "numba":
+        import numba
+
+        numba.set_num_threads(min(payload["threads"], numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     dtype = np.dtype(payload["dtype"])
     batch = int(payload["batch"])
     rng = np.random.default_rng([7, ctx.rank])
@@ -40,43 +44,28 @@ def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
     nets = {v: mlp(SIZES, "sigmoid", batch_norm=True, init="normal", std=0.01, dtype=dtype,
                    rng=0, backend=payload["backend"]) for v in ("plain", "sync")}
     convert_sync_batchnorm(nets["sync"], timed)
-    opts = {v: SGD(n.parameters(), lr=0.1) for v, n in nets.items()}
+    opts = {v: AveragedGradients(SGD(n.parameters(), lr=0.1), ctx.comm, ctx.size)
+            for v, n in nets.items()}
     loss = CrossEntropyLoss()
     out: dict[str, list[float]] = {"plain": [], "sync": [], "syncbn_comm": [],
                                    "grad_comm": [], "calls": []}
 
-    def step(v: str) -> tuple[float, float]:
-        net = nets[v]
-        opts[v].zero_grad()
-        loss.forward(net.forward(x), y)
-        net.backward_params(loss.backward())
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        t0 = time.perf_counter()
-        flat = ctx.comm.allreduce_sum(np.concatenate([g.ravel() for g in grads]))
-        t_grad = time.perf_counter() - t0
-        flat /= ctx.size
-        offset = 0
-        for g in grads:
-            g[...] = flat[offset : offset + g.size].reshape(g.shape)
-            offset += g.size
-        opts[v].step()
-        return t_grad, 0.0
-
     barrier = np.zeros(1)
-    for i in range(payload["warmup"] + payload["rounds"]):
-        for v in ("plain", "sync"):
-            ctx.comm.allreduce_sum(barrier)  # start together
-            calls, seconds = timed.calls, timed.seconds
-            t0 = time.perf_counter()
-            t_grad, _ = step(v)
-            elapsed = time.perf_counter() - t0
-            if i < payload["warmup"]:
-                continue
-            out[v].append(elapsed)
-            if v == "sync":
-                out["syncbn_comm"].append(timed.seconds - seconds)
-                out["grad_comm"].append(t_grad)
-                out["calls"].append(timed.calls - calls)
+    with blas_threads(payload["threads"]):
+        for i in range(payload["warmup"] + payload["rounds"]):
+            for v in ("plain", "sync"):
+                ctx.comm.allreduce_sum(barrier)  # start together
+                calls, seconds, grad_s = timed.calls, timed.seconds, opts[v].seconds
+                t0 = time.perf_counter()
+                train_step(nets[v], loss, opts[v], x, y)
+                elapsed = time.perf_counter() - t0
+                if i < payload["warmup"]:
+                    continue
+                out[v].append(elapsed)
+                if v == "sync":
+                    out["syncbn_comm"].append(timed.seconds - seconds)
+                    out["grad_comm"].append(opts[v].seconds - grad_s)
+                    out["calls"].append(timed.calls - calls)
     elements = {name: op.elements // max(op.calls, 1) for name, op in timed.stats.items()}
     # the same two collectives alone, back to back: their cost without the step's skew
     bare: dict[str, list[float]] = {"allgather": [], "allreduce_sum": []}
@@ -99,15 +88,16 @@ def _ms(per_rank: list[dict[str, Any]], key: str, over_ranks: Any) -> float:
 
 def measure(worlds: tuple[int, ...] = DEFAULT_WORLDS, *, batch: int = 64,
             dtype: str = "float32", rounds: int = 30, warmup: int = 5, engine: str = "mpi",
-            backend: str = "numpy", timeout: float = 600.0) -> list[dict[str, Any]]:
+            backend: str = "numpy", threads: int = 1, timeout: float = 600.0
+            ) -> list[dict[str, Any]]:
     """Run the benchmark for each world size; one summary dict per size."""
     from batchnorm.distributed.launch import launch
 
     rows = []
     for p in worlds:
         payload = {"batch": batch, "dtype": dtype, "rounds": rounds, "warmup": warmup,
-                   "backend": backend}
-        per_rank = launch(p, "batchnorm.distributed.bench:worker", payload, engine=engine,
+                   "backend": backend, "threads": threads}
+        per_rank = launch(p, "batchnorm.app.bench.sync:worker", payload, engine=engine,
                           timeout=timeout, env={"BATCHNORM_BACKEND": backend})
 
         rows.append({
@@ -146,40 +136,24 @@ def _table(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``batchnorm bench --sync`` (uses --repeats, --dtype and --json)."""
+def run(args: argparse.Namespace, opts: dict[str, Any]) -> int:
+    """``batchnorm bench --level sync``: the bench's shared options (threads per process,
+    the first of --backends, --repeats steps, --dtype, --json) and the --sync-* ones."""
     import os
 
-    worlds = tuple(getattr(args, "sync_worlds", None) or DEFAULT_WORLDS)
-    batch = int(getattr(args, "sync_batch", None) or 64)
-    engine = getattr(args, "engine", None) or os.environ.get("BATCHNORM_SYNC_ENGINE", "mpi")
-    backend = getattr(args, "sync_backend", None) or "numpy"
-    rounds = int(getattr(args, "repeats", None) or 30)
-    dtype = getattr(args, "dtype", None) or "float32"
-    rows = measure(worlds, batch=batch, dtype=dtype, rounds=rounds, engine=engine,
-                   backend=backend)
-    cores = os.cpu_count()
+    worlds = tuple(args.sync_worlds or DEFAULT_WORLDS)
+    engine = args.engine or os.environ.get("BATCHNORM_SYNC_ENGINE", "mpi")
+    backend, threads = opts["backends"][0], opts["threads"]
+    if args.omp_wait_policy:  # the processes launched inherit it
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    rows = measure(worlds, batch=args.sync_batch, dtype=args.dtype, rounds=args.repeats,
+                   engine=engine, backend=backend, threads=threads)
     title = (f"SyncBatchNorm training step: Fig. 1 MLP {'-'.join(map(str, SIZES))}, batch "
-             f"{batch} per process, {dtype}, {engine}, {backend} backend, {cores} cores")
+             f"{args.sync_batch} per process, {args.dtype}, {engine}, {backend} backend, "
+             f"{threads} thread(s) per process, {os.cpu_count()} cores, OMP_WAIT_POLICY "
+             f"{opts['omp_wait_policy']}")
     print(_table(rows, title))
-    if getattr(args, "json", None):
+    if args.json:
         with open(args.json, "w") as f:
             json.dump({"title": title, "rows": rows}, f, indent=2)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m batchnorm.distributed.bench",
-                                     description=__doc__)
-    parser.add_argument("--sync-worlds", type=int, nargs="+", default=list(DEFAULT_WORLDS))
-    parser.add_argument("--sync-batch", type=int, default=64, help="examples per process")
-    parser.add_argument("--engine", choices=("mpi", "gloo"), default="mpi")
-    parser.add_argument("--sync-backend", default="numpy", help="BN backend in the workers")
-    parser.add_argument("--repeats", type=int, default=30, help="timed steps per variant")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

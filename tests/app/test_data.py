@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchnorm import data
+from batchnorm.app import data
 
 
 def _idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:

@@ -13,13 +13,13 @@ implements it. Adding an experiment is one line here plus its module, which prov
     when the dataclass has them.
 ``run(config, *, data=None, progress=no_progress, checkpoint=None) -> results``
     a pure function of its config (and data); ``progress(done, total, text)`` reports now
-    and then; ``checkpoint`` (:class:`batchnorm.experiments.common.Checkpoint`) is saved
+    and then; ``checkpoint`` (:class:`batchnorm.app.experiments.common.Checkpoint`) is saved
     periodically and on KeyboardInterrupt, and ``checkpoint.state`` resumes a run.
 ``Results``
     the results dataclass, with ``to_dict()`` (JSON data) and ``from_dict(d)``
-    (:class:`batchnorm.experiments.common.JsonResults` gives both; sweeps over independent
-    nets use :class:`~batchnorm.experiments.common.SweepResults` and
-    :func:`~batchnorm.experiments.common.sweep`).
+    (:class:`batchnorm.app.experiments.common.JsonResults` gives both; sweeps over independent
+    nets use :class:`~batchnorm.app.experiments.common.SweepResults` and
+    :func:`~batchnorm.app.experiments.common.sweep`).
 ``summary(results) -> list[(label, value)]`` and ``figures(results) -> list[report.Figure]``
     the printed table rows and the report's figures.
 """
@@ -30,10 +30,10 @@ import importlib
 from types import ModuleType
 
 EXPERIMENTS: dict[str, str] = {
-    "fig1": "batchnorm.experiments.fig1",
-    "depth": "batchnorm.experiments.depth",
-    "batch-size": "batchnorm.experiments.batch_size",
-    "sync": "batchnorm.experiments.sync",
+    "fig1": "batchnorm.app.experiments.fig1",
+    "depth": "batchnorm.app.experiments.depth",
+    "batch-size": "batchnorm.app.experiments.batch_size",
+    "sync": "batchnorm.app.experiments.sync",
 }
 
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm import data as data_mod
-from batchnorm.experiments import common
+from batchnorm.app import data as data_mod
+from batchnorm.app.experiments import common
 from batchnorm.nn.layers import Sequential, mlp
 from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
@@ -80,13 +80,6 @@ def _net(config: Config, sizes: list[int]) -> Sequential:
                rng=np.random.default_rng([config.seed, 0]), backend=config.backend)
 
 
-def _grads(net: Sequential) -> list[np.ndarray]:
-    out = []
-    for p in net.parameters():
-        out.append(np.zeros_like(p.data) if p.grad is None else p.grad)
-    return out
-
-
 def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any] | None:
     """One process of the experiment (run by :func:`batchnorm.distributed.launch.launch`)."""
     from batchnorm.distributed import TimedComm, convert_sync_batchnorm
@@ -101,20 +94,25 @@ def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any] | None:
     convert_sync_batchnorm(nets["sync"], timed)
     if rank == 0:
         nets["single"] = _net(config, sizes)
-    opts = {a: SGD(n.parameters(), lr=config.lr, momentum=config.momentum)
-            for a, n in nets.items()}
+    opts: dict[str, Any] = {a: SGD(n.parameters(), lr=config.lr, momentum=config.momentum)
+                            for a, n in nets.items()}
+    for a in ("plain", "sync"):  # data parallel: gradients averaged over the processes
+        opts[a] = common.AveragedGradients(opts[a], ctx.comm, world)
     losses = {a: CrossEntropyLoss() for a in nets}
     sampler = common.BatchSampler(data.x_train, data.y_train, world * b,
                                   np.random.default_rng([config.seed, 1]))
     results = Results(config=dataclasses.asdict(config), dataset=data.describe(),
                       accuracy={a: [] for a in ARMS}, train_loss={a: [] for a in ARMS})
     loss_sum = dict.fromkeys(ARMS, 0.0)
-    grad_seconds = 0.0
     started = time.perf_counter()
 
     def evaluate(step: int) -> None:
+        # every process's loss since the last point, averaged (the one collective here)
+        local = np.array([loss_sum["plain"], loss_sum["sync"]])
+        loss_sum["plain"], loss_sum["sync"] = ctx.comm.allreduce_sum(local) / world
         if rank != 0:
-            return  # eval makes no collective call, so rank 0 may evaluate alone
+            loss_sum["plain"] = loss_sum["sync"] = 0.0
+            return  # accuracy makes no collective call, so rank 0 may evaluate alone
         since = step - (results.steps[-1] if results.steps else 0)
         results.steps.append(step)
         for a in ARMS:
@@ -127,30 +125,11 @@ def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any] | None:
         for step in range(1, config.steps + 1):
             xb, yb = sampler.next()
             xs, ys = xb[rank * b : (rank + 1) * b], yb[rank * b : (rank + 1) * b]
-            local = []
             for a in ("plain", "sync"):
-                opts[a].zero_grad()
-                local.append(losses[a].forward(nets[a].forward(xs), ys))
-                nets[a].backward_params(losses[a].backward())
-            # data parallel: ONE all-reduce averages both arms' gradients and losses
-            grads = _grads(nets["plain"]) + _grads(nets["sync"])
-            t0 = time.perf_counter()
-            flat = ctx.comm.allreduce_sum(np.concatenate([g.ravel() for g in grads] + [local]))
-            grad_seconds += time.perf_counter() - t0
-            flat /= world
-            offset = 0
-            for g in grads:
-                g[...] = flat[offset : offset + g.size].reshape(g.shape)
-                offset += g.size
-            loss_sum["plain"] += flat[-2]
-            loss_sum["sync"] += flat[-1]
-            for a in ("plain", "sync"):
-                opts[a].step()
+                loss_sum[a] += common.train_step(nets[a], losses[a], opts[a], xs, ys)
             if rank == 0:
-                opts["single"].zero_grad()
-                loss_sum["single"] += losses["single"].forward(nets["single"].forward(xb), yb)
-                nets["single"].backward_params(losses["single"].backward())
-                opts["single"].step()
+                loss_sum["single"] += common.train_step(nets["single"], losses["single"],
+                                                        opts["single"], xb, yb)
             if step % config.eval_every == 0 or step == config.steps:
                 evaluate(step)
                 if rank == 0:
@@ -164,7 +143,8 @@ def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any] | None:
     results.collective = {
         "syncbn_calls_per_step": timed.calls / steps,
         "syncbn_ms_per_step": 1e3 * timed.seconds / steps,
-        "grad_allreduce_ms_per_step": 1e3 * grad_seconds / steps,
+        "grad_allreduce_ms_per_step": 1e3 * (opts["plain"].seconds + opts["sync"].seconds)
+        / steps,
         "syncbn_float64_per_step": sum(op.elements for op in timed.stats.values()) / steps,
     }
     results.seconds = time.perf_counter() - started
@@ -197,7 +177,7 @@ def run(
         raise ValueError("batch_per_process must be >= 2: plain BN needs 2 values per channel")
     progress(0, config.steps, f"sync  {config.world_size} processes ({config.engine})")
     payload = dataclasses.asdict(config)
-    out = launch(config.world_size, "batchnorm.experiments.sync:worker", payload,
+    out = launch(config.world_size, "batchnorm.app.experiments.sync:worker", payload,
                  engine=config.engine, timeout=config.timeout,
                  env={"BATCHNORM_BACKEND": config.backend}, progress=progress)
     results = Results.from_dict(out[0])
@@ -235,7 +215,7 @@ def figures(results: Results) -> list[Any]:
     """Test accuracy and training loss along training, one line per arm (report.Figure)."""
     import matplotlib
 
-    from batchnorm import report
+    from batchnorm.app import report
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm import data as data_mod
-from batchnorm.experiments import common
+from batchnorm.app import data as data_mod
+from batchnorm.app.experiments import common
 from batchnorm.nn.layers import Sequential, linears, mlp
 from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
@@ -107,15 +107,12 @@ def train_case(config: Config, data: data_mod.Dataset, activation: str, depth: i
     diverged = False
     for step in range(config.steps):
         xb, yb = sampler.next()
-        opt.zero_grad()
-        loss = loss_fn.forward(net.forward(xb), yb)
+        loss = common.train_step(net, loss_fn, opt, xb, yb)
         if not np.isfinite(loss):
             diverged = True
             break
         if step >= config.steps - tail:
             tail_losses.append(loss)
-        net.backward_params(loss_fn.backward())
-        opt.step()
     acc = 0.0 if diverged else common.accuracy(net, data.x_test, data.y_test)
     if not np.isfinite(acc):
         acc = 0.0
@@ -173,6 +170,96 @@ def summary(results: Results) -> list[tuple[str, str]]:
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm import report
+    """The report's figures (report.Figure), drawn with matplotlib."""
+    from batchnorm.app import report
 
-    return report.depth_figures(results)
+    plt = report.plt()
+    cfg = results.config
+    acts = list(cfg["activations"])
+    depths = sorted(cfg["depths"])
+    shown = sorted({depths[0], depths[len(depths) // 2], depths[-1]})
+    fig, axes = plt.subplots(2, len(acts), figsize=(4.6 * len(acts), 7.5), squeeze=False)
+    for j, a in enumerate(acts):
+        for row, bn in enumerate((False, True)):
+            ax = axes[row][j]
+            for k, d in enumerate(shown):
+                case = results.find(a, d, bn)
+                if case is None:
+                    continue
+                g = np.maximum(np.asarray(case["grad_norms"]), 1e-30)
+                ax.semilogy(np.arange(1, len(g) + 1), g, "o-", ms=2,
+                            color=plt.cm.viridis(k / max(1, len(shown) - 1)),
+                            label=f"depth {d}")
+            ax.set(title=f"{a}, {'with BN' if bn else 'without BN'}",
+                   xlabel="layer (1 = input side)", ylabel="||dL/dW|| at init")
+            ax.legend(fontsize=8)
+            report.tidy(ax)
+    fig.tight_layout()
+    shows_g = "; ".join(
+        f"{a} depth {depths[-1]}: first/last-layer ratio "
+        f"{_ratio(results.find(a, depths[-1], False))} without BN, "
+        f"{_ratio(results.find(a, depths[-1], True))} with BN" for a in acts
+    )
+    exploding = [a for a in acts if _ratio_value(results.find(a, depths[-1], True)) > 10]
+    if exploding:
+        shows_g += (f". With BN the gradients of deep {' and '.join(exploding)} nets grow "
+                    "toward the input: BN does not prevent exploding gradients at initialization "
+                    "(as Yang et al. 2019, 'A Mean Field Theory of Batch Normalization', predict)")
+    grad_fig = report.Figure(
+        "depth_gradients", fig, "Gradient norm by layer at initialization",
+        "Norm of each Linear's weight gradient on one batch of training digits, before any "
+        f"training. {shows_g}.",
+        "The seed notebook: through many layers, gradients vanish or explode (values are "
+        "multiplied by W at every layer); BN keeps each layer's input distribution fixed. "
+        "Ioffe & Szegedy (2015), sec. 3.3: BN makes back-propagation through a layer "
+        "unaffected by the scale of its parameters.",
+    )
+
+    fig2, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    styles = {"sigmoid": "o", "tanh": "s", "relu": "^"}
+    for a in acts:
+        for bn in (False, True):
+            cases = [results.find(a, d, bn) for d in depths]
+            xs = [d for d, c in zip(depths, cases, strict=True) if c is not None]
+            cs = [c for c in cases if c is not None]
+            color = report.COLORS["bn" if bn else "plain"]
+            ls = "-" if bn else "--"
+            lab = f"{a}, {'BN' if bn else 'no BN'}"
+            ax1.plot(xs, [c["accuracy"] for c in cs], ls, marker=styles.get(a, "o"),
+                     color=color, label=lab)
+            ax2.semilogy(xs, [max(_ratio_value(c), 1e-30) for c in cs], ls,
+                         marker=styles.get(a, "o"), color=color, label=lab)
+    ax1.axhline(cfg["train_threshold"], color="gray", lw=0.8, ls=":")
+    ax1.set(title=f"test accuracy after {cfg['steps']:,} steps", xlabel="depth (Linear layers)",
+            ylabel="accuracy")
+    ax2.axhline(1.0, color="gray", lw=0.8, ls=":")
+    ax2.set(title="first-layer / last-layer gradient norm at init", xlabel="depth",
+            ylabel="ratio")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7, ncol=2)
+        report.tidy(ax)
+    fig2.tight_layout()
+    fails = "; ".join(
+        f"{a}: without BN first fails at depth {results.first_failure(a, False) or 'none'}, "
+        f"with BN at {results.first_failure(a, True) or 'none'}" for a in acts
+    )
+    acc_fig = report.Figure(
+        "depth_accuracy", fig2, "Accuracy and gradient ratio against depth",
+        f"Test accuracy after a fixed budget of {cfg['steps']:,} steps (batch "
+        f"{cfg['batch_size']}, lr {cfg['lr']}, momentum {cfg['momentum']}); a net 'trains' "
+        f"when it reaches {cfg['train_threshold']} (dotted line). {fails}.",
+        "The seed notebook: deeper plain networks train worse or not at all, because the "
+        "distribution of each layer's input drifts; BN lets deep networks train.",
+    )
+    return [grad_fig, acc_fig]
+
+
+def _ratio_value(case: dict[str, Any] | None) -> float:
+    if case is None:
+        return float("nan")
+    g = case["grad_norms"]
+    return float(g[0] / g[-1]) if g[-1] else float("inf")
+
+
+def _ratio(case: dict[str, Any] | None) -> str:
+    return f"{_ratio_value(case):.2g}"

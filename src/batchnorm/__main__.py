@@ -1,5 +1,0 @@
-import sys
-
-from batchnorm.cli import main
-
-sys.exit(main())

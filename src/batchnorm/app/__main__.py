@@ -1,0 +1,5 @@
+import sys
+
+from batchnorm.app.cli import main
+
+sys.exit(main())
