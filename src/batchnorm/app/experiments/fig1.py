@@ -144,12 +144,16 @@ def run(
     step = 0
     if checkpoint is not None and checkpoint.state is not None:
         arrays, meta = checkpoint.state
-        for n in NETS:
-            nets[n].load_state_dict(common.unprefixed(n, arrays))
-            opts[n].load_state_dict(common.unprefixed(f"opt_{n}", arrays))
-        sampler.load(meta["sampler"], arrays["sampler_perm"])
-        results = Results.from_dict(meta["results"])
-        loss_sum, alive, step = meta["loss_sum"], meta["alive"], meta["step"]
+        try:
+            for n in NETS:
+                nets[n].load_state_dict(common.unprefixed(n, arrays))
+                opts[n].load_state_dict(common.unprefixed(f"opt_{n}", arrays))
+            sampler.load(meta["sampler"], arrays["sampler_perm"])
+            results = Results.from_dict(meta["results"])
+            loss_sum, alive, step = meta["loss_sum"], meta["alive"], int(meta["step"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"checkpoint {checkpoint.path} does not fit this run "
+                             f"({type(exc).__name__}: {exc})") from None
 
     def evaluate() -> None:
         results.steps.append(step)
@@ -181,11 +185,17 @@ def run(
         checkpoint.save(arrays, meta)
 
     started = time.perf_counter() - results.seconds
+    # True while the state is between step boundaries: a checkpoint then would record the
+    # middle of a step, so an interrupt there saves nothing (the last checkpoint stays)
+    in_step = True
     with common.training(config.threads):
-        if step == 0 and not results.steps:
-            evaluate()
         try:
+            if step == 0 and not results.steps:
+                evaluate()
+            in_step = False
             while step < config.steps:
+                common.check_interrupt()  # Ctrl-C pressed during the last step
+                in_step = True
                 xb, yb = sampler.next()
                 for n in NETS:
                     if not alive[n]:
@@ -196,17 +206,19 @@ def run(
                         continue
                     loss_sum[n] += loss
                 step += 1
-                if step % config.eval_every == 0 or step == config.steps:
+                evaluated = step % config.eval_every == 0 or step == config.steps
+                if evaluated:
                     evaluate()
-                    progress(step, config.steps, f"fig1  acc {_accs(results)}")
-                elif step % 100 == 0:
+                in_step = False
+                if evaluated or step % 100 == 0:
                     progress(step, config.steps, f"fig1  acc {_accs(results)}")
                 if checkpoint is not None and checkpoint.due(step):
                     results.seconds = time.perf_counter() - started
                     save()
         except KeyboardInterrupt:
-            results.seconds = time.perf_counter() - started
-            save()
+            if not in_step:
+                results.seconds = time.perf_counter() - started
+                save()
             raise
     results.seconds = time.perf_counter() - started
     results.completed = True
