@@ -110,8 +110,13 @@ def test_depth_tiny_run_and_resume(small: data_mod.Dataset, tmp_path: Path) -> N
     case = whole.find("relu", 4, True)
     assert case is not None and len(case["grad_norms"]) == 4 and case["depth"] == 4
     assert all(0 <= c["accuracy"] <= 1 for c in whole.cases)
-    fail = whole.first_failure("sigmoid", False)
-    assert fail in (None, 2, 4)
+    # first_failure: the smallest depth whose accuracy is below the threshold, from the cases
+    thr = cfg.train_threshold
+    for act in cfg.activations:
+        for bn in (False, True):
+            accs = {d: whole.find(act, d, bn)["accuracy"] for d in cfg.depths}  # type: ignore[index]
+            below = [d for d in sorted(accs) if not accs[d] >= thr]
+            assert whole.first_failure(act, bn) == (below[0] if below else None)
     ckpt = common.Checkpoint(tmp_path / "ck.npz", every=1)
     with pytest.raises(KeyboardInterrupt):  # press Ctrl-C when the 4th net starts
         depth.run(cfg, data=small, progress=Interrupt(2 + 2 + 4), checkpoint=ckpt)
@@ -119,6 +124,20 @@ def test_depth_tiny_run_and_resume(small: data_mod.Dataset, tmp_path: Path) -> N
     assert len(meta["results"]["cases"]) == 3
     resumed = depth.run(cfg, data=small, checkpoint=common.Checkpoint(ckpt.path, resume=True))
     _same(whole.to_dict(), resumed.to_dict())
+
+
+def test_first_failure_is_the_smallest_depth_below_the_threshold() -> None:
+    def case(depth: int, bn: bool, acc: float) -> dict[str, Any]:
+        return {"activation": "relu", "depth": depth, "bn": bn, "accuracy": acc}
+
+    res = depth.Results(config={"depths": [8, 2, 4], "train_threshold": 0.5}, dataset="t",
+                        cases=[case(2, False, 0.9), case(4, False, 0.3), case(8, False, 0.95),
+                               case(2, True, 0.9), case(4, True, 0.5), case(8, True, 0.6)])
+    assert res.first_failure("relu", False) == 4  # not 8: depth 4 fails although 8 trains
+    assert res.first_failure("relu", True) is None  # 0.5 reaches the threshold
+    res.cases[3]["accuracy"] = float("nan")  # a diverged net never counts as trained
+    assert res.first_failure("relu", True) == 2
+    assert res.first_failure("tanh", False) is None  # nothing ran
 
 
 def test_depth_gradient_norms_vanish_for_deep_plain_sigmoid(small: data_mod.Dataset) -> None:
