@@ -24,7 +24,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
 	$(VENV)/bin/mypy
 
+# the bench extra (JAX as a contender) is installed here only: jaxlib is an 85 MB wheel
 bench: $(STAMP)
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[bench]'
 	$(VENV)/bin/batchnorm bench
 
 clean:

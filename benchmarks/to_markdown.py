@@ -1,6 +1,9 @@
 """Render a ``batchnorm bench --json`` result file as a Markdown table (for the README).
 
-.venv/bin/python benchmarks/to_markdown.py benchmarks/results/bench-2threads.json
+.venv/bin/python benchmarks/to_markdown.py benchmarks/results/bench-functional.json
+
+Files from before the bench ran each case in a new process (no ``ratio_spread``) render
+too, without the spreads.
 """
 
 from __future__ import annotations
@@ -12,22 +15,29 @@ from typing import Any
 LABELS = {"forward": "train fwd", "forward_backward": "fwd+bwd", "eval": "eval fwd"}
 
 
+def ratio(case: dict[str, Any], key: str, op: str) -> str:
+    value = case["ratios"].get(key, {}).get(op)
+    if value is None:
+        return ""
+    spread = case.get("ratio_spread", {}).get(key, {}).get(op)
+    return f"{value:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
+
+
 def render(data: dict[str, Any]) -> str:
     meta = data["meta"]
     names = [n for n in meta["contenders"] if n != "memcpy"]
     ours = names[0]
+    others = [n for n in ("torch", "jax") if n in names[1:]]
     head = ["case", "pass", *[f"{n} ms" for n in names], "memcpy ms"]
-    head += [f"torch/{ours}", f"{ours}/memcpy"]
+    head += [f"{o}/{ours}" for o in others] + [f"{ours}/memcpy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in data["cases"]:
         for i, (op, label) in enumerate(LABELS.items()):
             row = [f"`{case['name']}`" if i == 0 else "", label]
             row += [f"{case['times_ms'][n][op]:.3f}" for n in names]
             row.append(f"{case['memcpy_ms']:.3f}" if i == 0 else "")
-            ratios = case["ratios"]
-            torch_ratio = ratios.get(f"torch_over_{ours}", {}).get(op)
-            row.append(f"{torch_ratio:.2f}x" if torch_ratio else "")
-            row.append(f"{ratios[f'{ours}_over_memcpy'][op]:.2f}x")
+            row += [ratio(case, f"{o}_over_{ours}", op) for o in others]
+            row.append(ratio(case, f"{ours}_over_memcpy", op))
             lines.append("| " + " | ".join(row) + " |")
     ref = meta.get("reference")
     if ref:
@@ -38,9 +48,10 @@ def render(data: dict[str, Any]) -> str:
         )
     first = ", ".join(f"{k} {v:.1f} s" for k, v in meta["first_call_s"].items())
     load = ", ".join(f"{v:.1f}" for v in meta["load_average"] if v is not None)
+    level = f"{meta['level']} level ({meta['api']}); " if "level" in meta else ""
     lines.append(
-        f"First calls, all cases (numba: JIT compilation): {first}. {meta['dtype']}, "
-        f"{meta['threads']} thread(s), OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+        f"{level}first calls, all cases (numba: JIT compilation): {first}. {meta['dtype']}, "
+        f"{meta['threads']} thread(s), OMP_WAIT_POLICY {meta['omp_wait_policy']}, "
         f"load average {load}, {meta['date']}."
     )
     return "\n".join(lines)

@@ -46,7 +46,7 @@ def test_bench_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "12x3" in printed and "seed reference" in printed
-    assert "one new process per case" in printed
+    assert "each library in a new process of its own per case" in printed
     assert "OMP_WAIT_POLICY" not in os.environ  # nothing imposed on anyone
 
     data = json.loads(out.read_text())
@@ -78,6 +78,25 @@ def test_bench_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                 assert lo <= mid <= hi
         if "torch" in case["times_ms"]:
             assert set(case["ratios"]["torch_over_numpy"]) == set(bench.OPS)
+
+
+def test_each_library_runs_alone_in_its_process() -> None:
+    """At the functional level our process never loads PyTorch (nor PyTorch's ours)."""
+    import subprocess
+    import sys
+
+    spec = {"level": "functional", "case": "6x2", "dtype": "float32", "threads": 1,
+            "repeats": 1, "budget": 0, "rounds": 1}
+    probe = ("import json, sys; from batchnorm.app.bench import process; "
+             "process.measure(json.loads(sys.argv[1])); "
+             "print(sorted(m for m in ('torch', 'numba', 'jax') if m in sys.modules))")
+    for mine, theirs, absent in ((["numpy"], [], "torch"), ([], ["torch"], "jax")):
+        arg = json.dumps({**spec, "backends": mine, "others": theirs})
+        if theirs == ["torch"]:
+            pytest.importorskip("torch")
+        out = subprocess.run([sys.executable, "-c", probe, arg], capture_output=True,
+                             text=True, check=True).stdout
+        assert absent not in out, out
 
 
 def test_bench_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,11 +6,14 @@ Levels (``--level``): ``functional`` (one function call forward, then its backwa
 forward and backward: ``convert_model(nn.BatchNorm2d)`` against ``nn.BatchNorm2d``) and
 ``sync`` (a SyncBatchNorm training step over real processes).
 
-Every case runs in a new process, with every contender at the user's defaults: the same
+Every case runs in new processes, with every contender at the user's defaults: the same
 thread count (``--threads``, default all cores), no OpenMP wait policy imposed
-(``--omp-wait-policy`` sets one for all and is printed). JAX, an optional contender (``pip
-install 'batchnorm[bench]'``), runs in a process of its own, as a JAX program would. Ratios are
-medians of per-round ratios, with their 25th-75th percentiles.
+(``--omp-wait-policy`` sets one for all and is printed). At the functional level each library
+runs alone in a process of its own, as its users run it (no other library's thread pool
+beside it), the rounds of the processes paired by index; at the drop-in level ours and
+``torch.nn`` share one process, as a drop-in user's program does. JAX is an optional
+contender (``pip install 'batchnorm[bench]'``). Ratios are medians of per-round ratios, with
+their 25th-75th percentiles.
 
 Cases are written ``N,C[,D...]`` (or with ``x``); a ``/cl`` suffix stores the input
 channels-last (N, ..., C) and normalizes it with ``axis=-1``.
@@ -63,7 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default=None,
                         help="comma-separated backends of ours; the first is 'ours' in the "
                              "ratios and the only one at the dropin and sync levels "
-                             "(default: numba,numpy, or numpy alone without numba)")
+                             "(default: the one a user gets, backend='auto')")
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--no-jax", action="store_true", help="do not time JAX")
     parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default=None,
@@ -88,7 +91,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--threads must be at least 1, got {threads}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
-    spec = args.backends or ",".join(sorted(kernels.available(), key=lambda n: n != "numba"))
+    spec = args.backends or kernels.resolve("auto")
     backends = [n.strip() for n in spec.split(",") if n.strip()]
     for n in backends:
         kernels.resolve(n)  # a clear error when a named backend is missing
@@ -137,22 +140,31 @@ def run_cases(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     if use_jax and not installed("jax"):
         print("jax is not installed: JAX skipped (pip install 'batchnorm[bench]' adds it)")
         use_jax = False
-    print(f"level {level}: {LEVELS[level]}; one new process per case"
-          + (", JAX in a process of its own" if use_jax else ""))
+    # functional: each library alone in its own new process, as its users run it; dropin:
+    # ours and torch.nn in one process, as a drop-in user holds both
+    if level == "functional":
+        groups = [(backends, []), *(([], [o]) for o in others), *([([], ["jax"])] * use_jax)]
+        where = "each library in a new process of its own per case, rounds paired by index"
+    else:
+        groups = [(backends, others)]
+        where = "ours and torch.nn in one new process per case"
+    print(f"level {level}: {LEVELS[level]}; {where}")
     base = {"level": level, "dtype": args.dtype, "threads": opts["threads"],
-            "backends": backends, "repeats": args.repeats, "budget": args.budget}
+            "repeats": args.repeats, "budget": args.budget}
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     results = []
     for case in cases:
-        native = process.in_new_process({**base, "case": case.spec, "others": others},
-                                        opts["env"])
-        if use_jax:
-            jax_run = process.in_new_process(
-                {**base, "case": case.spec, "backends": [], "others": ["jax"],
-                 "rounds": native["rounds"]}, opts["env"])
+        runs: list[dict[str, Any]] = []
+        for mine, theirs in groups:
+            rounds = runs[0]["rounds"] if runs else None
+            runs.append(process.in_new_process(
+                {**base, "case": case.spec, "backends": mine, "others": theirs,
+                 "rounds": rounds}, opts["env"]))
+        merged = runs[0]
+        for extra in runs[1:]:  # memcpy stays the one timed beside ours
             for key in ("raw_ms", "first_call_s"):
-                native[key]["jax"] = jax_run[key]["jax"]
-        results.append(case_result(case, args.dtype, native, backends[0]))
+                merged[key].update({k: v for k, v in extra[key].items() if k != "memcpy"})
+        results.append(case_result(case, args.dtype, merged, backends[0]))
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     meta: dict[str, Any] = {
         "command": "batchnorm bench",
@@ -168,8 +180,7 @@ def run_cases(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                          for n in (results[0]["first_call_s"] if results else {})},
         "load_average": [load_start, load_end],  # 1-minute load before and after
         "omp_wait_policy": opts["omp_wait_policy"],
-        "processes": "one new process per case; JAX in its own" if use_jax
-                     else "one new process per case",
+        "processes": where,
     }
     flat = [c for c in cases if len(c.shape) == 2]  # the seed's class takes (N, C) rows
     if level == "functional" and flat:

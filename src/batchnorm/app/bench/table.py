@@ -8,11 +8,11 @@ from batchnorm.app.bench.timing import OP_LABELS, OPS
 
 
 def ratio_text(res: dict[str, Any], key: str, op: str) -> str:
-    """``1.85x (1.80-1.92)``: median per-round ratio and its 25th-75th percentiles."""
+    """``1.85 (1.80-1.92)``: median per-round ratio and its 25th-75th percentiles."""
     if op not in res["ratios"].get(key, {}):
         return ""
     lo, hi = res["ratio_spread"][key][op]
-    return f"{res['ratios'][key][op]:.2f}x ({lo:.2f}-{hi:.2f})"
+    return f"{res['ratios'][key][op]:.2f} ({lo:.2f}-{hi:.2f})"
 
 
 def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -28,7 +28,8 @@ def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         f"thread(s), median ms, OMP_WAIT_POLICY {meta['omp_wait_policy']}"
         + (f", load average {load}" if load else ""),
         caption=f"{meta['api']}. Ratios: median of per-round ratios (25th-75th percentile); "
-        f"> 1 under X/{ours} means ours is faster; {ours}/memcpy is the cost over a copy of x.",
+        f"> 1 under X/{ours} means ours is faster; {ours}/memcpy is the cost over a copy of x. "
+        f"{meta['processes']}.",
     )
     table.add_column("case")
     table.add_column("pass")
