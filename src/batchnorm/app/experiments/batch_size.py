@@ -24,6 +24,10 @@ from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
 NAME = "batch-size"
+QUESTION = "Does BN still help when the batches are tiny?"
+CLAIM = ("BN estimates its statistics from the batch: with very small batches they are noisy "
+         "and unlike the population statistics used at inference, so BN's advantage shrinks "
+         "or reverses (Ioffe 2017, Batch Renormalization; Wu & He 2018, Group Normalization).")
 
 
 @dataclass
@@ -109,6 +113,23 @@ def summary(results: Results) -> list[tuple[str, str]]:
     return rows
 
 
+def verdict(results: Results) -> str:
+    """Whether this run agrees with the claim, in words."""
+    gaps = {}
+    for b in results.config["batch_sizes"]:
+        plain, bn = results.find(b, False), results.find(b, True)
+        if plain is not None and bn is not None:
+            gaps[b] = bn["accuracy"] - plain["accuracy"]
+    if len(gaps) < 2:
+        return "Not enough batch sizes ran to tell."
+    small, large = min(gaps), max(gaps)
+    agrees = gaps[small] < gaps[large]
+    return (f"{'Yes' if agrees else 'No'}: BN's gain in test accuracy over the same net "
+            f"without BN is {gaps[small]:+.3f} at batch {small} and {gaps[large]:+.3f} at "
+            f"batch {large}" + (", smaller with tiny batches." if agrees
+                                else "; tiny batches did not hurt BN more here."))
+
+
 def _acc(case: dict[str, Any]) -> str:
     return "diverged" if case["diverged"] else f"{case['accuracy']:.4f}"
 
@@ -128,7 +149,7 @@ def figures(results: Results) -> list[Any]:
     ax.set_xscale("log", base=2)
     ax.set(title="test accuracy (population statistics) vs batch size", xlabel="batch size",
            ylabel="accuracy")
-    ax.legend()
+    report.legend_below(ax)
     report.tidy(ax)
     fig.tight_layout()
     parts = []

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -23,13 +24,15 @@ from typing import Any
 
 from batchnorm.app.experiments import EXPERIMENTS, common, get, runs
 
+ALL = "all"
 # CLI option -> Config field of the same meaning
 OVERRIDES = ("steps", "seed", "lr", "init_std", "mnist_dir", "world_size")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", choices=sorted(EXPERIMENTS),
-                        help="which experiment (optional with --resume)")
+    parser.add_argument("name", nargs="?", choices=[*sorted(EXPERIMENTS), ALL],
+                        help=f"which experiment, or '{ALL}' for every one at its defaults "
+                             "into one report (optional with --resume)")
     add_common_options(parser)
     add_run_options(parser)
     parser.add_argument("--world-size", type=int, default=None, metavar="N",
@@ -224,9 +227,31 @@ def write_outputs(
     for module, results in done:
         figs = module.figures(results)
         pngs.update(report.save_figures(figs, out))
-        intro = (module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-        sections.append(report.Section(module.NAME, intro, module.summary(results), figs))
+        sections.append(section(module, results, figs))
     return report.write_html(sections, pngs, out / "report.html", title=title, preamble=preamble)
+
+
+def section(module: ModuleType, results: Any, figs: list[Any]) -> Any:
+    """An experiment's part of the report: its question as the heading, its claim and
+    verdict when the module gives them, and its summary rows with labels in words."""
+    from batchnorm.app import report
+
+    doc = (module.__doc__ or "").strip().split("\n\n")
+    heading = getattr(module, "QUESTION", "") or getattr(module, "CLAIM", "") or doc[0]
+    intro = re.sub(r":\w+:`~?([^`]*)`", r"\1", " ".join(doc[1:2] or doc[:1]))
+    intro = intro.replace("\n", " ").replace("``", "")
+    verdict = module.verdict(results) if hasattr(module, "verdict") else ""
+    rows = [(in_words(label, module.NAME), value) for label, value in module.summary(results)]
+    return report.Section(heading, intro, rows, figs, claim=getattr(module, "CLAIM", ""),
+                          verdict=verdict, anchor=module.NAME)
+
+
+def in_words(label: str, name: str) -> str:
+    """A summary label without the experiment's internal name in front."""
+    for prefix in (name + " ", name.replace("-", " ") + " "):
+        if label.startswith(prefix):
+            label = label[len(prefix):]
+    return label[:1].upper() + label[1:]
 
 
 def _resume_target(directory: Path, name: str | None) -> tuple[str, dict[str, Any]]:
@@ -255,6 +280,10 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out} conflicts with --resume {out}: a resumed run "
                              "writes into its own folder")
         runs.prepare(out, resume=True, overwrite=args.overwrite)
+        saved_run = runs.load_settings(out)
+        if saved_run is not None and saved_run.get("command") == f"experiment {ALL}":
+            runs.refuse_conflicts(_common(args), saved_run["overrides"], f"'{ALL}' run")
+            return run_all(out, saved_run["overrides"], resume=True)
         name, saved = _resume_target(out, args.name)
         module = get(name)
         runs.refuse_conflicts(_given(args, module), saved, f"{name} run")
@@ -263,6 +292,15 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.name is None:
             raise ValueError("name an experiment, or give --resume DIR")
+        if args.name == ALL:
+            if args.set:
+                raise ValueError(f"--set names one experiment's field; '{ALL}' runs each "
+                                 "at its defaults")
+            out = Path(args.out) if args.out else default_out(ALL)
+            runs.prepare(out, resume=False, overwrite=args.overwrite)
+            overrides = _common(args)
+            runs.save_settings(out, {"command": f"experiment {ALL}", "overrides": overrides})
+            return run_all(out, overrides, resume=False)
         module = get(args.name)
         config = make_config(module, _given(args, module))
         out = Path(args.out) if args.out else default_out(module.NAME)
@@ -278,9 +316,36 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _given(args: argparse.Namespace, module: ModuleType) -> dict[str, Any]:
-    """The Config fields the command line sets (None: not given)."""
+def run_all(out: Path, overrides: dict[str, Any], *, resume: bool) -> int:
+    """Every registered experiment, in turn, into one folder and one report."""
+    print(f"{ALL}: {', '.join(EXPERIMENTS)}; writing to {out}")
+    done = []
+    started = time.perf_counter()
+    with rich_progress() as progress:
+        for name in EXPERIMENTS:
+            module = get(name)
+            config = make_config(module, overrides)
+            again = resume and checkpoint_path(out, module.NAME).exists()
+            done.append((module, execute(module, config, out, resume=again, progress=progress,
+                                         resume_command=f"batchnorm experiment --resume {out}")))
+    seconds = time.perf_counter() - started
+    report = write_outputs(out, done, title="batchnorm: every experiment",
+                           preamble=f"Every experiment at its defaults; {seconds:.0f} s in all.")
+    for module, results in done:
+        print_summary(module.summary(results), f"{module.NAME}: {results.dataset}")
+    print(f"results: {out / 'results.json'}\nreport:  {report}")
+    return 0
+
+
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    """The options every experiment shares, as given (None: not given)."""
     given = {k: getattr(args, k) for k in OVERRIDES}
     given["checkpoint_every"] = args.checkpoint_every
+    return given
+
+
+def _given(args: argparse.Namespace, module: ModuleType) -> dict[str, Any]:
+    """The Config fields the command line sets (None: not given)."""
+    given = _common(args)
     given.update(parse_settings(module.Config, args.set))
     return given

@@ -27,6 +27,10 @@ from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
 NAME = "depth"
+QUESTION = "Do deeper networks train worse without BN, and does BN let them train?"
+CLAIM = ("The seed notebook: the deeper a plain network, the worse it trains, because the "
+         "distribution of each layer's input drifts as the layers below it learn; BN keeps "
+         "those distributions fixed and lets deep networks train.")
 AUTO_INIT = {"sigmoid": "xavier", "tanh": "xavier", "relu": "he"}
 
 
@@ -189,11 +193,11 @@ def figures(results: Results) -> list[Any]:
                     continue
                 g = np.maximum(np.asarray(case["grad_norms"]), 1e-30)
                 ax.semilogy(np.arange(1, len(g) + 1), g, "o-", ms=2,
-                            color=plt.cm.viridis(k / max(1, len(shown) - 1)),
+                            color=plt.cm.viridis(0.85 * k / max(1, len(shown) - 1)),
                             label=f"depth {d}")
             ax.set(title=f"{a}, {'with BN' if bn else 'without BN'}",
                    xlabel="layer (1 = input side)", ylabel="||dL/dW|| at init")
-            ax.legend(fontsize=8)
+            report.legend_below(ax, ncol=3)
             report.tidy(ax)
     fig.tight_layout()
     shows_g = "; ".join(
@@ -237,13 +241,11 @@ def figures(results: Results) -> list[Any]:
     ax2.set(title="first-layer / last-layer gradient norm at init", xlabel="depth",
             ylabel="ratio")
     for ax in (ax1, ax2):
-        ax.legend(fontsize=7, ncol=2)
+        report.legend_below(ax, ncol=3, fontsize=7)
         report.tidy(ax)
     fig2.tight_layout()
-    fails = "; ".join(
-        f"{a}: without BN first fails at depth {results.first_failure(a, False) or 'none'}, "
-        f"with BN at {results.first_failure(a, True) or 'none'}" for a in acts
-    )
+    fails = "; ".join(f"{a}: without BN {_fails(results, a, False)}, with BN "
+                      f"{_fails(results, a, True)}" for a in acts)
     acc_fig = report.Figure(
         "depth_accuracy", fig2, "Accuracy and gradient ratio against depth",
         f"Test accuracy after a fixed budget of {cfg['steps']:,} steps (batch "
@@ -253,6 +255,26 @@ def figures(results: Results) -> list[Any]:
         "distribution of each layer's input drifts; BN lets deep networks train.",
     )
     return [grad_fig, acc_fig]
+
+
+def _fails(results: Results, activation: str, bn: bool) -> str:
+    depth = results.first_failure(activation, bn)
+    return "trains at every depth tried" if depth is None else f"stops training at depth {depth}"
+
+
+def verdict(results: Results) -> str:
+    """Whether this run agrees with the claim, in words, per activation."""
+    parts = []
+    for a in results.config["activations"]:
+        plain, bn = results.first_failure(a, False), results.first_failure(a, True)
+        deepest = max(results.config["depths"]) + 1
+        helped = (bn or deepest) > (plain or deepest)
+        parts.append(f"{a}: without BN the net {_fails(results, a, False)}, with BN it "
+                     f"{_fails(results, a, True)}"
+                     + (" (BN lets deeper nets train)" if helped else
+                        " (no difference in depth here)" if (bn or deepest) == (plain or deepest)
+                        else " (BN did worse here)"))
+    return "; ".join(parts) + "."
 
 
 def _ratio_value(case: dict[str, Any] | None) -> float:

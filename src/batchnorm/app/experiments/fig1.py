@@ -28,6 +28,11 @@ from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
 NAME = "fig1"
+QUESTION = ("Does BN make a network train faster, and keep the distribution of a layer's "
+            "input steady?")
+CLAIM = ("Ioffe & Szegedy (2015), Figure 1: on MNIST the network with BN reaches higher test "
+         "accuracy sooner, and the input to a sigmoid keeps a steady distribution, while "
+         "without BN its mean and spread drift over training ('internal covariate shift').")
 NETS = ("plain", "bn")
 PERCENTILES = (15.0, 50.0, 85.0)
 
@@ -226,6 +231,24 @@ def run(
     return results
 
 
+def verdict(results: Results) -> str:
+    """Whether this run agrees with the claim, in words."""
+    if not results.steps:
+        return "Nothing ran."
+    early = results.steps[max(1, len(results.steps) // 10)] if len(results.steps) > 1 else 0
+    acc = {n: _or_nan(results.accuracy_at(n, early)) for n in NETS}
+    end = {n: results.accuracy[n][-1] for n in NETS}
+    drift = {n: results.drift(n)["all_units_late_median_drift"] for n in NETS}
+    faster = acc["bn"] > acc["plain"]
+    steadier = drift["bn"] < drift["plain"]
+    return (f"On speed, {'yes' if faster else 'no'}: at step {early:,} the net with BN "
+            f"reaches {acc['bn']:.3f} test accuracy against {acc['plain']:.3f} without; at the "
+            f"end {end['bn']:.3f} against {end['plain']:.3f}. On steadiness, "
+            f"{'yes' if steadier else 'no'}: after the first tenth of training the median "
+            f"sigmoid input moved by {drift['bn']:.2f} with BN and {drift['plain']:.2f} "
+            "without (mean over the layer's units).")
+
+
 def _accs(results: Results) -> str:
     return " / ".join(f"{n} {results.accuracy[n][-1]:.3f}" for n in NETS)
 
@@ -276,7 +299,7 @@ def figures(results: Results) -> list[Any]:
     for n in ("plain", "bn"):
         ax.plot(steps, results.accuracy[n], color=report.COLORS[n], label=report.LABELS[n])
     ax.set(title="(a) test accuracy", xlabel="training step", ylabel="accuracy")
-    ax.legend(loc="lower right")
+    report.legend_below(ax)
     report.tidy(ax)
     lims = []
     for ax, n, tag in ((axes[1], "plain", "(b)"), (axes[2], "bn", "(c)")):
@@ -287,7 +310,7 @@ def figures(results: Results) -> list[Any]:
         ax.set(title=f"{tag} sigmoid input, {report.LABELS[n]} (unit {unit})",
                xlabel="training step")
         lims.append(ax.get_ylim())
-        ax.legend(loc="best", fontsize=8)
+        report.legend_below(ax, ncol=3, fontsize=7)
         report.tidy(ax)
     lo, hi = min(x[0] for x in lims), max(x[1] for x in lims)
     for ax in axes[1:]:

@@ -33,9 +33,15 @@ from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
 NAME = "sync"
+QUESTION = ("Does SyncBatchNorm make tiny per-process batches train like one process with "
+            "the whole batch?")
+CLAIM = ("SyncBatchNorm computes BN's statistics over every process's examples, so "
+         "data-parallel training with small per-process batches computes what one process "
+         "with the whole batch computes; BN per process normalizes with the noisy statistics "
+         "of a few examples and trains worse.")
 ARMS = ("plain", "sync", "single")
 LABELS = {"plain": "BN per process", "sync": "SyncBN", "single": "one process, whole batch"}
-COLORS = {"plain": "#d62728", "sync": "#1f77b4", "single": "#2ca02c"}
+COLORS = {"plain": "#c0392b", "sync": "#1f5fa8", "single": "#2e7d32"}
 
 
 @dataclass
@@ -211,15 +217,23 @@ def summary(results: Results) -> list[tuple[str, str]]:
     return rows
 
 
+def verdict(results: Results) -> str:
+    """Whether this run agrees with the claim, in words."""
+    diff = results.max_param_diff_sync_vs_single
+    same = diff < 1e-4
+    plain, sync = results.final("plain"), results.final("sync")
+    return (f"{'Yes' if same else 'No'}: SyncBN and one process with the whole batch end "
+            f"within {diff:.1e} of each other in every parameter "
+            f"({'float32 rounding' if same else 'more than rounding explains'}); BN per "
+            f"process ends at test accuracy {plain:.3f} against {sync:.3f} with SyncBN, "
+            f"{'worse, as claimed' if plain < sync else 'not worse here'}.")
+
+
 def figures(results: Results) -> list[Any]:
     """Test accuracy and training loss along training, one line per arm (report.Figure)."""
-    import matplotlib
-
     from batchnorm.app import report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.plt()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for a in ARMS:
         style = {"linestyle": "--" if a == "single" else "-", "color": COLORS[a]}
@@ -232,7 +246,7 @@ def figures(results: Results) -> list[Any]:
                 yscale="log", title="(b) training loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best")
+        report.legend_below(ax, ncol=3)
     fig.tight_layout()
     last = results.steps[-1] if results.steps else 0
     shows = (
