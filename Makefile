@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS := dev,fast,experiments,torch,triton,distributed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench check-report clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[bench]'
 	$(VENV)/bin/batchnorm bench
+
+# the report as a browser shows it: a small demo run, screenshots at 1280 and 400 px wide
+REPORT_RUN := runs/check-report
+check-report: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	$(VENV)/bin/batchnorm demo --steps 600 --depth-steps 30 --out $(REPORT_RUN) --overwrite
+	for w in 1280 400; do chromium --headless --no-sandbox --disable-gpu --hide-scrollbars \
+	  --screenshot=$(REPORT_RUN)/report-$$w.png --window-size=$$w,6000 \
+	  file://$(CURDIR)/$(REPORT_RUN)/report.html; done
+	@echo "screenshots: $(REPORT_RUN)/report-1280.png $(REPORT_RUN)/report-400.png"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

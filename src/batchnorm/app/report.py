@@ -83,10 +83,12 @@ td, th { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: left; vertica
 .verdict { background: #f2f8f2; padding: 0.6em 0.9em; border-left: 4px solid #2e7d32; }
 figure { margin: 1em 0; } figcaption { font-weight: bold; margin-bottom: 0.4em; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.scroll { overflow-x: auto; }
 code { background: #f2f2f2; padding: 0 0.2em; }
 @media (max-width: 700px) {
   body { margin: 1em auto; padding: 0 0.6em; }
   .pair { grid-template-columns: 1fr; }
+  .scroll img { max-width: none; width: 680px; }  /* legible: scroll sideways */
   table { display: block; overflow-x: auto; }
 }
 """
@@ -149,7 +151,8 @@ def write_html(
             data = base64.b64encode(pngs[f.name]).decode("ascii")
             parts.append(
                 f"<figure id='figure-{n}'><figcaption>Figure {n}. {e(f.title)}</figcaption>"
-                f"<img alt='Figure {n}: {e(f.title)}' src='data:image/png;base64,{data}'>"
+                f"<div class='scroll'><img alt='Figure {n}: {e(f.title)}' "
+                f"src='data:image/png;base64,{data}'></div>"
                 f"<div class='pair'><div class='claim'><b>Claim.</b> {e(f.claim)}</div>"
                 f"<div class='shows'><b>Measured here.</b> {e(f.shows)}</div></div></figure>"
             )

@@ -166,8 +166,9 @@ def summary(results: Results) -> list[tuple[str, str]]:
                 f"first fails at depth {fail}")
             if any(c["diverged"] for c in results.cases if (c["activation"], c["bn"]) == (a, bn)):
                 verdict += " (div: loss diverged)"
-            rows.append((f"depth {a} {'with BN' if bn else 'without BN'}: acc at "
-                         + ",".join(map(str, depths)), " ".join(accs) + f"; {verdict}"))
+            rows.append((f"depth {a} {'with BN' if bn else 'without BN'}: test accuracy at "
+                         "depths " + ",".join(map(str, depths)),
+                         " ".join(accs) + f"; {verdict}"))
     steps = results.config["steps"]
     rows.append(("depth time", f"{results.seconds:.1f} s ({len(results.cases)} nets, "
                                f"{steps:,} steps each)"))
@@ -210,6 +211,11 @@ def figures(results: Results) -> list[Any]:
         shows_g += (f". With BN the gradients of deep {' and '.join(exploding)} nets grow "
                     "toward the input: BN does not prevent exploding gradients at initialization "
                     "(as Yang et al. 2019, 'A Mean Field Theory of Batch Normalization', predict)")
+    if any(results.find(a, depths[-1], True) is not None for a in acts):
+        shows_g += (". The last point of each with-BN curve stands apart because the last "
+                    "Linear feeds the loss with no BN after it: its gradient skips BN's "
+                    "backward, which takes out of every other layer's gradient the parts along "
+                    "the batch mean and along the normalized input")
     grad_fig = report.Figure(
         "depth_gradients", fig, "Gradient norm by layer at initialization",
         "Norm of each Linear's weight gradient on one batch of training digits, before any "

@@ -336,4 +336,5 @@ def figures(results: Results) -> list[Any]:
         "higher test accuracy; (b, c) without BN the distribution of a sigmoid's input changes "
         "significantly over training, in mean and variance; with BN it is much more stable."
     )
-    return [report.Figure("fig1", fig, "Figure 1: MNIST, with and without BN", shows, claim)]
+    return [report.Figure("fig1", fig, "MNIST, with and without BN (the paper's Figure 1)", shows,
+                          claim)]
