@@ -21,7 +21,14 @@ implements it. Adding an experiment is one line here plus its module, which prov
     nets use :class:`~batchnorm.app.experiments.common.SweepResults` and
     :func:`~batchnorm.app.experiments.common.sweep`).
 ``summary(results) -> list[(label, value)]`` and ``figures(results) -> list[report.Figure]``
-    the printed table rows and the report's figures.
+    the printed table rows and the report's figures (the module draws its own).
+``QUESTION``, ``CLAIM`` and ``verdict(results) -> str`` (optional)
+    the report's heading, the claim tested, and whether this run agrees, in words.
+
+A training loop takes its steps with :func:`~batchnorm.app.experiments.common.train_step`
+and calls :func:`~batchnorm.app.experiments.common.check_interrupt` where a step is
+complete: Ctrl-C then stops there, so the checkpoint it writes is a state the
+uninterrupted run passes through too.
 """
 
 from __future__ import annotations
