@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from batchnorm.app import bench
+from batchnorm.app.bench import command as bench
 from batchnorm.app.bench import timing
 from batchnorm.app.cli import main
 

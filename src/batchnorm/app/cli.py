@@ -10,7 +10,8 @@ import argparse
 import sys
 from types import ModuleType
 
-from batchnorm.app import bench, gradcheck, info, tour
+from batchnorm.app import gradcheck, info, tour
+from batchnorm.app.bench import command as bench
 from batchnorm.app.experiments import command, demo
 
 
