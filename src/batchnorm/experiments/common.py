@@ -290,3 +290,13 @@ def training(threads: int | None) -> Iterator[None]:
     diverging net is detected from its non-finite loss and reported as diverged)."""
     with blas_threads(threads), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         yield
+
+
+# -- training ---------------------------------------------------------------------------
+def train_step(model: Any, loss_fn: Any, optimizer: Any, x: np.ndarray, y: np.ndarray) -> float:
+    """One step of training: zero_grad, forward, loss, backward, step; returns the loss."""
+    optimizer.zero_grad()
+    loss = float(loss_fn.forward(model.forward(x), y))
+    model.backward(loss_fn.backward())
+    optimizer.step()
+    return loss

@@ -44,16 +44,25 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else command.default_out("demo")
     seed = 0 if args.seed is None else args.seed
-    data = data_mod.load(args.mnist_dir, seed)
+    source = args.data or ("idx" if args.mnist_dir else "mnist")
+    try:
+        data = data_mod.load(args.mnist_dir, seed, source)
+    except data_mod.DataError as exc:
+        if args.data:  # asked for by name: no silent substitute
+            raise
+        print(f"full MNIST unavailable ({exc}); using the 5k subset instead")
+        source = "mnist5k"
+        data = data_mod.load(None, seed, source)
     print(f"batchnorm demo: {data.describe()}; writing to {out}")
     steps = args.steps
     eval_every = args.eval_every or max(1, steps // 60)  # 250 for 15,000: step 5,000 is one
     f_cfg = command.make_config(fig1, {"steps": steps, "seed": seed, "lr": args.lr,
                                        "init_std": args.init_std, "mnist_dir": args.mnist_dir,
-                                       "eval_every": eval_every,
+                                       "data": source, "eval_every": eval_every,
                                        "checkpoint_every": max(1, steps // 4)})
     d_cfg = command.make_config(depth, {"steps": args.depth_steps, "seed": seed,
-                                        "depths": args.depths, "mnist_dir": args.mnist_dir})
+                                        "depths": args.depths, "mnist_dir": args.mnist_dir,
+                                        "data": source})
     started = time.perf_counter()
     with command.rich_progress() as progress:
         f_res = command.execute(fig1, f_cfg, out, data=data, progress=progress)
