@@ -34,6 +34,9 @@ EXPERIMENTS: dict[str, str] = {
     "depth": "batchnorm.experiments.depth",
     "batch-size": "batchnorm.experiments.batch_size",
     "sync": "batchnorm.experiments.sync",
+    "noisy-bn": "batchnorm.experiments.noisy_bn",
+    "ics": "batchnorm.experiments.ics",
+    "landscape": "batchnorm.experiments.landscape",
 }
 
 

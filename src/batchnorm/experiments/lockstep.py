@@ -12,12 +12,12 @@ checkpoint always lies on a step boundary and ``--resume`` ends with the same nu
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from typing import Any
 
 import numpy as np
@@ -127,10 +127,12 @@ class Lockstep:
 
 
 # -- gradients without side effects ------------------------------------------------------
-def gradients(net: Sequential, x: np.ndarray, y: np.ndarray) -> tuple[float, list[np.ndarray]]:
-    """Loss and copies of every parameter's gradient on (x, y), in training mode, computed
-    on a copy of ``net`` so that nothing of it changes (BN's running statistics included)."""
-    probe = copy.deepcopy(net)
+def gradients(net: Sequential, x: np.ndarray, y: np.ndarray, copy: bool = True
+              ) -> tuple[float, list[np.ndarray]]:
+    """Loss and copies of every parameter's gradient on (x, y), in training mode. With
+    ``copy`` they are computed on a copy of ``net``, so that nothing of it changes (BN's
+    running statistics included); without, ``net`` is a throwaway."""
+    probe = deepcopy(net) if copy else net
     loss_fn = CrossEntropyLoss()
     probe.zero_grad()
     loss = float(loss_fn.forward(probe.forward(x), y))
@@ -143,7 +145,7 @@ def stepped(net: Sequential, grads: list[np.ndarray], size: float,
             first: int | None = None) -> Sequential:
     """A copy of ``net`` whose parameters (the ``first`` ones, default all) moved by
     ``-size * grad``: an SGD step of size ``size``."""
-    moved = copy.deepcopy(net)
+    moved = deepcopy(net)
     params = list(moved.parameters())
     for p, g in list(zip(params, grads, strict=True))[:first]:
         p.data -= np.asarray(size * g, dtype=p.data.dtype)
@@ -163,3 +165,24 @@ def params_before(net: Sequential, index: int) -> int:
 
 def flat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.ravel(a).astype(np.float64) for a in arrays])
+
+
+# -- figures ----------------------------------------------------------------------------
+COLORS = {"plain": "#d62728", "bn": "#1f77b4", "noisy": "#2ca02c",
+          "deep-plain": "#ff7f0e", "deep-bn": "#6a3d9a"}
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def tidy(ax: Any) -> None:
+    ax.grid(True, alpha=0.3)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
