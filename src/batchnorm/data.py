@@ -211,7 +211,7 @@ def mnist_pickle_path() -> Path:
 
 # The only globals a pickle of plain NumPy arrays needs; ndarray.__reduce__ names the
 # reconstructor, whatever module NumPy keeps it in (numpy.core before 2.0, numpy._core after).
-_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]
+_RECONSTRUCT: Any = np.ndarray((0,)).__reduce__()[0]
 
 
 def _reconstruct(subtype: type, shape: object, dtype: object) -> np.ndarray:

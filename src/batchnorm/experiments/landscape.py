@@ -122,8 +122,9 @@ def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
     nets = build_nets(config, data.num_features, data.num_classes)
     trainer = lockstep.Lockstep(NAME, config, data, nets)
     results = Results(config=common.jsonable(dataclasses.asdict(config)),
-                      dataset=data.describe(), **{k: {n: [] for n in NETS} for k in (
-                          "accuracy", "loss", "path_loss", "grad_change", "grad_norm")})
+                      dataset=data.describe())
+    for key in ("accuracy", "loss", "path_loss", "grad_change", "grad_norm"):
+        setattr(results, key, {n: [] for n in NETS})
     saved = trainer.restore(checkpoint)
     if saved is not None:
         results = Results.from_dict(saved)
@@ -178,8 +179,9 @@ def verdict(results: Results) -> str:
     late = {n: _late(results, n) for n in NETS}
     smoother = [late["bn"][k] < late["plain"][k] for k in ("loss_range", "grad_change", "beta")]
     said = (f"Past the first 10% of training, with BN the loss varied over "
-            f"{late['bn']['loss_range']:.3g} along the gradient (without BN {late['plain']['loss_range']:.3g}), the gradient "
-            f"changed by {late['bn']['grad_change']:.3g} ({late['plain']['grad_change']:.3g}) and "
+            f"{late['bn']['loss_range']:.3g} along the gradient (without BN "
+            f"{late['plain']['loss_range']:.3g}), the gradient changed by "
+            f"{late['bn']['grad_change']:.3g} ({late['plain']['grad_change']:.3g}) and "
             f"the effective beta-smoothness was {late['bn']['beta']:.3g} "
             f"({late['plain']['beta']:.3g}). ")
     if all(smoother):

@@ -90,7 +90,6 @@ class Lockstep:
     # -- the loop -----------------------------------------------------------------------
     def run(self, results: Any, measure: Callable[[int], None], *, every: int,
             before_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-            after_step: Callable[[int], None] | None = None,
             progress: common.Progress = common.no_progress,
             checkpoint: common.Checkpoint | None = None) -> None:
         """Train until ``config.steps``; ``results`` needs ``steps``, ``seconds`` and
@@ -100,30 +99,36 @@ class Lockstep:
         with common.training(self.config.threads), interrupts_at_boundaries() as pending:
             if self.step == 0 and not results.steps:
                 measure(0)
-            while self.step < steps:
-                xb, yb = self.sampler.next()
-                if before_step is not None:
-                    before_step(self.step, xb, yb)
-                for n, net in self.nets.items():
-                    if self.alive[n]:
-                        loss = common.train_step(net, self.loss_fns[n], self.opts[n], xb, yb)
-                        self.alive[n] = bool(np.isfinite(loss))
-                self.step += 1
-                if after_step is not None:
-                    after_step(self.step)
-                if self.step % every == 0 or self.step == steps:
-                    measure(self.step)
-                if self.step % 100 == 0 or self.step == steps:
-                    progress(self.step, steps, f"{self.name}  step {self.step:,}")
-                results.seconds = time.perf_counter() - started
-                if pending():
-                    self.save(checkpoint, results)
-                    raise KeyboardInterrupt
-                if checkpoint is not None and checkpoint.due(self.step):
-                    self.save(checkpoint, results)
+            try:
+                while self.step < steps:
+                    self._one_step(measure, every, before_step)
+                    results.seconds = time.perf_counter() - started
+                    if self.step % 100 == 0 or self.step == steps:
+                        progress(self.step, steps, f"{self.name}  step {self.step:,}")
+                    if pending():
+                        raise KeyboardInterrupt
+                    if checkpoint is not None and checkpoint.due(self.step):
+                        self.save(checkpoint, results)
+            except KeyboardInterrupt:  # from the signal above or from progress(): a boundary
+                self.save(checkpoint, results)
+                raise
         results.seconds = time.perf_counter() - started
         results.completed = True
         self.save(checkpoint, results)
+
+    def _one_step(self, measure: Callable[[int], None], every: int,
+                  before_step: Callable[[int, np.ndarray, np.ndarray], None] | None
+                  ) -> None:
+        xb, yb = self.sampler.next()
+        if before_step is not None:
+            before_step(self.step, xb, yb)
+        for n, net in self.nets.items():
+            if self.alive[n]:
+                loss = common.train_step(net, self.loss_fns[n], self.opts[n], xb, yb)
+                self.alive[n] = bool(np.isfinite(loss))
+        self.step += 1
+        if self.step % every == 0 or self.step == self.config.steps:
+            measure(self.step)
 
 
 # -- gradients without side effects ------------------------------------------------------
