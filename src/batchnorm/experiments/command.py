@@ -252,5 +252,7 @@ def run(args: argparse.Namespace) -> int:
     rows = module.summary(results)
     report = write_outputs(out, [(module, results)], title=f"batchnorm experiment {module.NAME}")
     print_summary(rows, f"{module.NAME}: {results.dataset}")
+    if hasattr(module, "verdict"):  # experiments that test a claim say whether this run agrees
+        print(module.verdict(results))
     print(f"results: {out / 'results.json'}\nreport:  {report}")
     return 0

@@ -7,8 +7,8 @@ above it unchanged), on the same batch. If a layer's learning problem did not ch
 layers below it moved, G' would equal G: ||G - G'|| (absolute and relative to ||G||) and the
 cosine of the angle between them measure how much it changes. Four nets see the same batches:
 the Figure 1 network (three hidden layers of 100 sigmoids) without and with BN, and a deeper
-one (``deep_hidden``) without and with BN. A "layer" is a Linear with its BN; layer 1 has
-nothing below it and is left out.
+one (``deep_hidden``; ReLU, since sigmoids that deep do not train at all without BN) without
+and with BN. A "layer" is a Linear with its BN; layer 1 has nothing below it and is left out.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from batchnorm.nn.layers import Sequential, mlp
 NAME = "ics"
 NETS = ("plain", "bn", "deep-plain", "deep-bn")
 LABELS = {"plain": "3 hidden layers, without BN", "bn": "3 hidden layers, with BN",
-          "deep-plain": "deeper, without BN", "deep-bn": "deeper, with BN"}
+          "deep-plain": "deeper ReLU net, without BN", "deep-bn": "deeper ReLU net, with BN"}
 CLAIM = (
     "The seed's explanation, after Ioffe & Szegedy (2015): without BN each layer must keep "
     "adapting to inputs that shift whenever the layers below it learn (internal covariate "
@@ -47,7 +47,10 @@ class Config:
     init_std: float = 0.01
     hidden: tuple[int, ...] = (100, 100, 100)
     deep_hidden: tuple[int, ...] = (100,) * 8
-    deep_init_std: float | None = None  # None: Xavier (N(0, 0.01^2) leaves a deep net stuck)
+    # sigmoids this deep do not train without BN at all (their gradients vanish), so the
+    # deeper pair uses ReLU, He's initialisation and its own learning rate
+    deep_activation: str = "relu"
+    deep_lr: float = 0.1
     measure_every: int = 250
     seed: int = 0
     mnist_dir: str | None = None
@@ -78,12 +81,15 @@ class Results(common.JsonResults):
 def build_nets(config: Config, num_features: int, num_classes: int) -> dict[str, Sequential]:
     nets = {}
     for n in NETS:
-        deep = n.startswith("deep")
-        hidden = config.deep_hidden if deep else config.hidden
-        std = config.deep_init_std if deep else config.init_std
-        nets[n] = mlp([num_features, *hidden, num_classes], "sigmoid",
-                      batch_norm=n.endswith("bn"), init="xavier" if std is None else "normal",
-                      std=std, rng=np.random.default_rng([config.seed, 0, int(deep)]))
+        rng = np.random.default_rng([config.seed, 0, int(n.startswith("deep"))])
+        if n.startswith("deep"):
+            nets[n] = mlp([num_features, *config.deep_hidden, num_classes],
+                          config.deep_activation, batch_norm=n.endswith("bn"), init="he",
+                          rng=rng)
+        else:
+            nets[n] = mlp([num_features, *config.hidden, num_classes], "sigmoid",
+                          batch_norm=n.endswith("bn"), init="normal", std=config.init_std,
+                          rng=rng)
     return nets
 
 
@@ -113,7 +119,8 @@ def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
     if data is None:
         data = data_mod.load(config.mnist_dir, config.seed, config.data)
     nets = build_nets(config, data.num_features, data.num_classes)
-    trainer = lockstep.Lockstep(NAME, config, data, nets)
+    trainer = lockstep.Lockstep(NAME, config, data, nets,
+                                lrs={"deep-plain": config.deep_lr, "deep-bn": config.deep_lr})
     results = Results(config=common.jsonable(dataclasses.asdict(config)),
                       dataset=data.describe(), accuracy={n: [] for n in NETS},
                       l2={n: [] for n in NETS}, relative={n: [] for n in NETS},
@@ -131,7 +138,7 @@ def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
             results.accuracy[n].append(
                 common.accuracy(net, data.x_test, data.y_test) if alive else float("nan"))
             nan = [float("nan")] * (len(lockstep.linear_layers(net)) - 1)
-            l2, rel, cos = shift(net, xb, yb, config.lr) if alive else (nan, nan, nan)
+            l2, rel, cos = shift(net, xb, yb, trainer.lrs[n]) if alive else (nan, nan, nan)
             results.l2[n].append(l2)
             results.relative[n].append(rel)
             results.cosine[n].append(cos)

@@ -48,9 +48,11 @@ class Lockstep:
     """The nets, their optimizers and the shared batch sampler of one experiment."""
 
     def __init__(self, name: str, config: Any, data: Dataset, nets: dict[str, Sequential],
-                 rngs: dict[str, np.random.Generator] | None = None) -> None:
+                 rngs: dict[str, np.random.Generator] | None = None,
+                 lrs: dict[str, float] | None = None) -> None:
         self.name, self.config, self.data, self.nets = name, config, data, nets
-        self.opts = {n: SGD(net.parameters(), lr=config.lr) for n, net in nets.items()}
+        self.lrs = {n: (lrs or {}).get(n, config.lr) for n in nets}  # default: config.lr
+        self.opts = {n: SGD(net.parameters(), lr=self.lrs[n]) for n, net in nets.items()}
         self.loss_fns = {n: CrossEntropyLoss() for n in nets}
         self.sampler = common.BatchSampler(data.x_train, data.y_train, config.batch_size,
                                            np.random.default_rng([config.seed, 1]))
