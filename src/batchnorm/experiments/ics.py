@@ -170,18 +170,20 @@ def _mean_cosine(results: Results, net: str) -> float:
 
 
 def verdict(results: Results) -> str:
-    pairs = (("plain", "bn"), ("deep-plain", "deep-bn"))
-    parts, less = [], []
-    for plain, bn in pairs:
+    parts, reduced = [], []
+    for plain, bn in (("plain", "bn"), ("deep-plain", "deep-bn")):
         cp, cb = _mean_cosine(results, plain), _mean_cosine(results, bn)
+        # a difference under 0.05 in mean cosine is called "about the same"
+        effect = ("less shift with BN" if cb > cp + 0.05 else
+                  "more shift with BN" if cb < cp - 0.05 else "about the same shift")
         parts.append(f"{LABELS[plain].split(',')[0]}: mean cosine {cp:.2f} without BN and "
-                     f"{cb:.2f} with BN")
-        less.append(cb > cp + 0.05)  # BN's gradients change clearly less: BN reduced the shift
-    said = "; ".join(parts) + " (1 means no shift at all). "
-    if not any(less):
+                     f"{cb:.2f} with BN ({effect})")
+        reduced.append(cb > cp + 0.05)
+    said = "; ".join(parts) + ". A cosine of 1 would mean no shift at all. "
+    if not any(reduced):
         return said + ("This run agrees with Santurkar et al.: BN does not reduce internal "
                        "covariate shift measured this way, yet the BN networks train better.")
-    if all(less):
+    if all(reduced):
         return said + ("This run disagrees with Santurkar et al.: here BN does reduce the "
                        "shift, in line with the seed's explanation.")
     return said + "This run is mixed: BN reduces the shift in one network and not the other."
