@@ -103,7 +103,8 @@ def test_shift_matches_pytorch_autograd(small: data_mod.Dataset) -> None:
     ws = [torch.tensor(a) for lin in lins for a in (lin.weight.data, lin.bias.data)]
     g = grads(ws)
     for layer in (1, 2):  # Linear 2 and 3: move the weights and biases of those below
-        moved = [w - 0.5 * gi if i < 2 * layer else w for i, (w, gi) in enumerate(zip(ws, g))]
+        moved = [w - 0.5 * gi if i < 2 * layer else w
+                 for i, (w, gi) in enumerate(zip(ws, g, strict=True))]
         g2 = grads(moved)[2 * layer].flatten()
         g1 = g[2 * layer].flatten()
         assert l2[layer - 1] == pytest.approx(float((g1 - g2).norm()), rel=1e-9)

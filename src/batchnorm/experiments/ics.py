@@ -38,39 +38,25 @@ CLAIM = (
 
 
 @dataclass
-class Config:
-    """Settings; the CLI's --steps --seed --lr --init-std --data --mnist-dir set the same names."""
-
+class Config(lockstep.TrainConfig):
     steps: int = 5_000
-    batch_size: int = 60
-    lr: float = 1.0
-    init_std: float = 0.01
-    hidden: tuple[int, ...] = (100, 100, 100)
     deep_hidden: tuple[int, ...] = (100,) * 8
     # sigmoids this deep do not train without BN at all (their gradients vanish), so the
     # deeper pair uses ReLU, He's initialisation and its own learning rate
     deep_activation: str = "relu"
     deep_lr: float = 0.1
     measure_every: int = 250
-    seed: int = 0
-    mnist_dir: str | None = None
-    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
     checkpoint_every: int = 1_000
-    threads: int = 1
 
 
 @dataclass
-class Results(common.JsonResults):
-    config: dict[str, Any]
-    dataset: str
-    steps: list[int] = field(default_factory=list)  # where accuracy and the shift were taken
-    accuracy: dict[str, list[float]] = field(default_factory=dict)
-    # per net, per measure: one value per layer 2..L
+class Results(lockstep.TrainResults):
+    """``steps``: where accuracy and the shift were taken. Per net, per measure, one value
+    per layer 2..L of ||G - G'||, ||G - G'|| / ||G|| and cos(G, G')."""
+
     l2: dict[str, list[list[float]]] = field(default_factory=dict)
     relative: dict[str, list[list[float]]] = field(default_factory=dict)
     cosine: dict[str, list[list[float]]] = field(default_factory=dict)
-    seconds: float = 0.0
-    completed: bool = False
 
     def mean_over_training(self, key: str, net: str) -> list[float]:
         """Per layer, the mean of ``key`` ("l2", "relative", "cosine") over the measures."""
@@ -180,19 +166,18 @@ def verdict(results: Results) -> str:
                      f"{cb:.2f} with BN ({effect})")
         reduced.append(cb > cp + 0.05)
     said = "; ".join(parts) + ". A cosine of 1 would mean no shift at all. "
-    if not any(reduced):
-        return said + ("This run agrees with Santurkar et al.: BN does not reduce internal "
-                       "covariate shift measured this way, yet the BN networks train better.")
-    if all(reduced):
-        return said + ("This run disagrees with Santurkar et al.: here BN does reduce the "
-                       "shift, in line with the seed's explanation.")
-    return said + "This run is mixed: BN reduces the shift in one network and not the other."
+    return lockstep.judge(
+        said, [not r for r in reduced],
+        "BN does not reduce internal covariate shift measured this way, yet the BN networks "
+        "train better.",
+        "here BN does reduce the shift, in line with the seed's explanation.",
+        "BN reduces the shift in one network and not the other.")
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm.report import Figure
+    from batchnorm.report import Figure, _plt, _tidy
 
-    plt = lockstep.pyplot()
+    plt = _plt()
     steps = np.asarray(results.steps)
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     for row, (plain, bn) in enumerate((("plain", "bn"), ("deep-plain", "deep-bn"))):
@@ -215,7 +200,7 @@ def figures(results: Results) -> list[Any]:
                          ylim=(-1.05, 1.05))
         for ax in axes[row]:
             ax.legend(fontsize=7, loc="best")
-            lockstep.tidy(ax)
+            _tidy(ax)
     fig.tight_layout()
     shows = (f"On {results.dataset}, measured every {results.config['measure_every']} steps. "
              "Top row: the Figure 1 network; bottom row: the deeper one. Lines from light to "

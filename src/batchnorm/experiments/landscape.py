@@ -41,36 +41,21 @@ CLAIM = (
 
 
 @dataclass
-class Config:
-    """Settings; the CLI's --steps --seed --lr --init-std --data --mnist-dir set the same names."""
-
+class Config(lockstep.TrainConfig):
     steps: int = 10_000
-    batch_size: int = 60
-    lr: float = 1.0
-    init_std: float = 0.01
-    hidden: tuple[int, ...] = (100, 100, 100)
     step_sizes: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # times lr
     probe_every: int = 250
-    seed: int = 0
-    mnist_dir: str | None = None
-    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
-    checkpoint_every: int = 2_500
-    threads: int = 1
 
 
 @dataclass
-class Results(common.JsonResults):
-    config: dict[str, Any]
-    dataset: str
-    steps: list[int] = field(default_factory=list)  # where the probes were taken
-    accuracy: dict[str, list[float]] = field(default_factory=dict)
-    loss: dict[str, list[float]] = field(default_factory=dict)  # at the probe's start
-    # [probe][step size]: loss and ||g' - g|| at each point along -g, and ||g||
+class Results(lockstep.TrainResults):
+    """``steps``: where the probes were taken; ``loss`` and ``grad_norm``: at the probe's
+    start; [probe][step size]: the loss and ||g' - g|| at each point along -g."""
+
+    loss: dict[str, list[float]] = field(default_factory=dict)
     path_loss: dict[str, list[list[float]]] = field(default_factory=dict)
     grad_change: dict[str, list[list[float]]] = field(default_factory=dict)
     grad_norm: dict[str, list[float]] = field(default_factory=dict)
-    seconds: float = 0.0
-    completed: bool = False
 
     def measures(self, net: str) -> dict[str, np.ndarray]:
         """Per probe: loss range (min, max, including the start), largest gradient change,
@@ -184,18 +169,15 @@ def verdict(results: Results) -> str:
             f"{late['bn']['grad_change']:.3g} ({late['plain']['grad_change']:.3g}) and "
             f"the effective beta-smoothness was {late['bn']['beta']:.3g} "
             f"({late['plain']['beta']:.3g}). ")
-    if all(smoother):
-        return said + "This run agrees with Santurkar et al.: with BN the landscape is smoother."
-    if not any(smoother):
-        return said + ("This run disagrees with Santurkar et al.: without BN the landscape is "
-                       "smoother on all three measures.")
-    return said + "This run is mixed: BN is smoother on some measures and not on others."
+    return lockstep.judge(said, smoother, "with BN the landscape is smoother.",
+                          "without BN the landscape is smoother on all three measures.",
+                          "BN is smoother on some measures and not on others.")
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm.report import Figure
+    from batchnorm.report import Figure, _plt, _tidy
 
-    plt = lockstep.pyplot()
+    plt = _plt()
     steps = np.asarray(results.steps)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for n in NETS:
@@ -211,7 +193,7 @@ def figures(results: Results) -> list[Any]:
     axes[2].set(title="(c) effective beta-smoothness", xlabel="training step", yscale="log")
     for ax in axes:
         ax.legend(fontsize=8, loc="best")
-        lockstep.tidy(ax)
+        _tidy(ax)
     fig.tight_layout()
     sizes = ", ".join(f"{s:g}" for s in results.config["step_sizes"])
     shows = (f"On {results.dataset}; every {results.config['probe_every']} steps, steps of "

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from copy import deepcopy
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,35 @@ from batchnorm.experiments import common
 from batchnorm.nn.layers import Linear, Sequential
 from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
+
+
+@dataclass
+class TrainConfig:
+    """The settings every lockstep experiment has: the Figure 1 network and its training.
+    The CLI's --steps --seed --lr --init-std --data --mnist-dir set the same names."""
+
+    steps: int = 10_000
+    batch_size: int = 60
+    lr: float = 1.0
+    init_std: float = 0.01
+    hidden: tuple[int, ...] = (100, 100, 100)
+    seed: int = 0
+    mnist_dir: str | None = None
+    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
+    checkpoint_every: int = 2_500  # steps; 0 turns periodic checkpoints off
+    threads: int = 1  # BLAS threads (small matrices: 1 is fastest)
+
+
+@dataclass
+class TrainResults(common.JsonResults):
+    """What every lockstep experiment records: test accuracy per net at ``steps``."""
+
+    config: dict[str, Any]
+    dataset: str
+    steps: list[int] = field(default_factory=list)
+    accuracy: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    completed: bool = False
 
 
 @contextlib.contextmanager
@@ -174,22 +204,16 @@ def flat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.ravel(a).astype(np.float64) for a in arrays])
 
 
-# -- figures ----------------------------------------------------------------------------
+# -- verdicts and figures ---------------------------------------------------------------
+def judge(measured: str, agrees: list[bool], agree: str, disagree: str, mixed: str) -> str:
+    """``measured`` followed by what this run says of the paper's claim: ``agree`` when every
+    comparison in ``agrees`` goes the paper's way, ``disagree`` when none does, else ``mixed``."""
+    if all(agrees):
+        return f"{measured}This run agrees with Santurkar et al.: {agree}"
+    if not any(agrees):
+        return f"{measured}This run disagrees with Santurkar et al.: {disagree}"
+    return f"{measured}This run is mixed: {mixed}"
+
+
 COLORS = {"plain": "#d62728", "bn": "#1f77b4", "noisy": "#2ca02c",
           "deep-plain": "#ff7f0e", "deep-bn": "#6a3d9a"}
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def tidy(ax: Any) -> None:
-    ax.grid(True, alpha=0.3)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)

@@ -40,36 +40,19 @@ CLAIM = (
 
 
 @dataclass
-class Config:
-    """Settings; the CLI's --steps --seed --lr --init-std --data --mnist-dir set the same names."""
-
+class Config(lockstep.TrainConfig):
     steps: int = 10_000
-    batch_size: int = 60
-    lr: float = 1.0
-    init_std: float = 0.01
-    hidden: tuple[int, ...] = (100, 100, 100)
     noise_mean: float = 0.5  # m_j ~ U(-noise_mean, noise_mean), fresh each step
     noise_std: tuple[float, float] = (1.0, 1.25)  # s_j ~ U(noise_std), fresh each step
     eval_every: int = 250
     unit: int = 0  # the last hidden layer's sigmoid whose input is followed
     probe_size: int = 1000  # training digits on which the unit's distribution is taken
-    seed: int = 0
-    mnist_dir: str | None = None
-    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
-    checkpoint_every: int = 2_500
-    threads: int = 1
 
 
 @dataclass
-class Results(common.JsonResults):
-    config: dict[str, Any]
-    dataset: str
-    steps: list[int] = field(default_factory=list)
-    accuracy: dict[str, list[float]] = field(default_factory=dict)
+class Results(lockstep.TrainResults):
     # [eval][percentile]: the followed unit's sigmoid input on the probe batch, in training
     percentiles: dict[str, list[list[float]]] = field(default_factory=dict)
-    seconds: float = 0.0
-    completed: bool = False
 
     def drift(self, net: str) -> dict[str, float]:
         """How much the unit's input distribution moved from one evaluation to the next,
@@ -218,9 +201,9 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm.report import Figure
+    from batchnorm.report import Figure, _plt, _tidy
 
-    plt = lockstep.pyplot()
+    plt = _plt()
     steps = np.asarray(results.steps)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for n in NETS:
@@ -239,7 +222,7 @@ def figures(results: Results) -> list[Any]:
     lo = min(ax.get_ylim()[0] for ax in axes[1:])
     hi = max(ax.get_ylim()[1] for ax in axes[1:])
     for ax in axes:
-        lockstep.tidy(ax)
+        _tidy(ax)
     for ax in axes[1:]:
         ax.set_ylim(lo, hi)
     fig.tight_layout()
