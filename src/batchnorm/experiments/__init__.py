@@ -9,8 +9,8 @@ implements it. Adding an experiment is one line here plus its module, which prov
     the registry name, also written into checkpoints.
 ``Config``
     a dataclass of settings with defaults. The CLI sets the fields named ``steps``, ``seed``,
-    ``lr``, ``init_std`` and ``mnist_dir`` from ``--steps --seed --lr --init-std --mnist-dir``
-    when the dataclass has them.
+    ``lr``, ``init_std``, ``data`` and ``mnist_dir`` from ``--steps --seed --lr --init-std
+    --data --mnist-dir`` when the dataclass has them.
 ``run(config, *, data=None, progress=no_progress, checkpoint=None) -> results``
     a pure function of its config (and data); ``progress(done, total, text)`` reports now
     and then; ``checkpoint`` (:class:`batchnorm.experiments.common.Checkpoint`) is saved
@@ -22,6 +22,8 @@ implements it. Adding an experiment is one line here plus its module, which prov
     :func:`~batchnorm.experiments.common.sweep`).
 ``summary(results) -> list[(label, value)]`` and ``figures(results) -> list[report.Figure]``
     the printed table rows and the report's figures.
+``CLAIM`` and ``verdict(results) -> str`` (experiments that test a published claim)
+    the claim in a paragraph for a learner, and whether a run agrees with it, in words.
 """
 
 from __future__ import annotations
