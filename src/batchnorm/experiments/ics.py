@@ -198,8 +198,10 @@ def figures(results: Results) -> list[Any]:
                          yscale="log")
         axes[row][2].set(title=f"({'cf'[row]}) cosine(G, G')", xlabel="training step",
                          ylim=(-1.05, 1.05))
+        axes[row][0].legend(fontsize=7, loc="lower right")
+        # the per-layer legend goes right of the row, where it covers no data
+        axes[row][2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         for ax in axes[row]:
-            ax.legend(fontsize=7, loc="best")
             _tidy(ax)
     fig.tight_layout()
     shows = (f"On {results.dataset}, measured every {results.config['measure_every']} steps. "

@@ -218,14 +218,16 @@ def figures(results: Results) -> list[Any]:
                         label="15th-85th")
         ax.plot(steps, p[:, 2], color=lockstep.COLORS[n], label="median")
         ax.set(title=f"({tag}) sigmoid input, {LABELS[n]}", xlabel="training step")
-        ax.legend(loc="upper right", fontsize=7)
     lo = min(ax.get_ylim()[0] for ax in axes[1:])
     hi = max(ax.get_ylim()[1] for ax in axes[1:])
     for ax in axes:
         _tidy(ax)
     for ax in axes[1:]:
         ax.set_ylim(lo, hi)
-    fig.tight_layout()
+    # one legend for (b)-(d), below the panels, so that it covers no data
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8,
+               bbox_to_anchor=(0.62, 0.0))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     shows = " ".join(f"{k}: {v}." for k, v in summary(results)[:-1])
     return [Figure("noisy-bn", fig, "Does BN work by keeping layer inputs steady?",
                    shows + " " + verdict(results), CLAIM)]
