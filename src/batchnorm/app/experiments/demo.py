@@ -43,7 +43,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The demo's options as given (None: not given), under the names run.json keeps."""
     return {"steps": args.steps, "seed": args.seed, "lr": args.lr, "init_std": args.init_std,
             "mnist_dir": args.mnist_dir, "depth_steps": args.depth_steps,
-            "depths": args.depths, "eval_every": args.eval_every}
+            "depths": args.depths, "eval_every": args.eval_every, "data": args.data}
 
 
 def with_defaults(given: dict[str, Any]) -> dict[str, Any]:
@@ -89,16 +89,25 @@ def _run(args: argparse.Namespace) -> int:
         runs.prepare(out, resume=False, overwrite=args.overwrite)
         opts = with_defaults(settings(args))
         runs.save_settings(out, {"command": "demo", **opts})
-    data = data_mod.load(opts["mnist_dir"], opts["seed"])
+    source = opts["data"] or ("idx" if opts["mnist_dir"] else "mnist")
+    try:
+        data = data_mod.load(opts["mnist_dir"], opts["seed"], source)
+    except data_mod.DataError as exc:
+        if opts["data"]:  # asked for by name: no silent substitute
+            raise
+        print(f"full MNIST unavailable ({exc}); using the 5k subset instead")
+        source = "mnist5k"
+        data = data_mod.load(None, opts["seed"], source)
     print(f"batchnorm demo: {data.describe()}; writing to {out}")
     steps = opts["steps"]
     f_cfg = command.make_config(fig1, {"steps": steps, "seed": opts["seed"], "lr": opts["lr"],
                                        "init_std": opts["init_std"],
                                        "mnist_dir": opts["mnist_dir"],
-                                       "eval_every": opts["eval_every"],
+                                       "eval_every": opts["eval_every"], "data": source,
                                        "checkpoint_every": max(1, steps // 4)})
     d_cfg = command.make_config(depth, {"steps": opts["depth_steps"], "seed": opts["seed"],
-                                        "depths": opts["depths"], "mnist_dir": opts["mnist_dir"]})
+                                        "depths": opts["depths"], "mnist_dir": opts["mnist_dir"],
+                                        "data": source})
     again = f"batchnorm demo --resume {out}"
     started = time.perf_counter()
     with command.rich_progress() as progress:

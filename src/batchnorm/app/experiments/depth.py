@@ -48,6 +48,7 @@ class Config:
     train_threshold: float = 0.5  # test accuracy that counts as "trains"
     seed: int = 0
     mnist_dir: str | None = None
+    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
     checkpoint_every: int = 1  # finished nets between checkpoints
     threads: int = 1
 
@@ -142,7 +143,7 @@ def run(
         if a not in AUTO_INIT:
             raise ValueError(f"unknown activation {a!r}; expected one of {list(AUTO_INIT)}")
     if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed)
+        data = data_mod.load(config.mnist_dir, config.seed, config.data)
     cases = case_list(config)
     return common.sweep(NAME, Results, config, data, cases, train_case,
                         lambda a, d, bn: f"depth {a} {d} {'BN' if bn else 'plain'}",

@@ -51,6 +51,7 @@ class Config:
     unit: int = 0  # the sigmoid of the last hidden layer whose input Fig. 1(b, c) follows
     seed: int = 0
     mnist_dir: str | None = None
+    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
     checkpoint_every: int = 5_000  # steps; 0 turns periodic checkpoints off
     threads: int = 1  # BLAS threads (small matrices: 1 is fastest)
 
@@ -133,7 +134,7 @@ def run(
     if config.steps < 0 or config.eval_every < 1:
         raise ValueError("steps must be >= 0 and eval_every >= 1")
     if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed)
+        data = data_mod.load(config.mnist_dir, config.seed, config.data)
     if not 0 <= config.unit < config.hidden[-1]:
         raise ValueError(f"unit must be in [0, {config.hidden[-1]}), got {config.unit}")
     nets = build_nets(config, data.num_features, data.num_classes)

@@ -58,6 +58,7 @@ class Config:
     eval_every: int = 200
     seed: int = 0
     mnist_dir: str | None = None
+    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
     engine: str = "mpi"  # "mpi" (mpiexec + mpi4py) or "gloo" (torch.distributed)
     backend: str = "numpy"  # BN backend in the workers (numba would JIT in every process)
     timeout: float = 1800.0  # seconds before the launch is killed
@@ -92,7 +93,7 @@ def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any] | None:
     from batchnorm.distributed.launch import report_progress
 
     config = Config(**{**payload, "hidden": tuple(payload["hidden"])})
-    data = data_mod.load(config.mnist_dir, config.seed)
+    data = data_mod.load(config.mnist_dir, config.seed, config.data)
     world, b, rank = ctx.size, config.batch_per_process, ctx.rank
     sizes = [data.num_features, *config.hidden, data.num_classes]
     timed = TimedComm(ctx.comm)
