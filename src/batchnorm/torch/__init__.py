@@ -9,6 +9,21 @@ PyTorch's, same constructor). Needs the ``torch`` extra; the GPU kernels need ``
 this package imports without it. Dispatch rules: :mod:`batchnorm.torch.function`.
 """
 
+from batchnorm.torch.family import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+)
+from batchnorm.torch.fold import fold_batchnorm
+from batchnorm.torch.frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze_batchnorm,
+)
 from batchnorm.torch.function import BatchNormFunction, batch_norm, route
 from batchnorm.torch.modules import (
     BatchNorm1d,
@@ -17,6 +32,7 @@ from batchnorm.torch.modules import (
     convert_model,
     revert_model,
 )
+from batchnorm.torch.population import update_bn_stats
 from batchnorm.torch.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
@@ -24,10 +40,22 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "SyncBatchNorm",
     "batch_norm",
     "convert_model",
     "convert_sync_batchnorm",
+    "fold_batchnorm",
+    "freeze_batchnorm",
     "revert_model",
     "route",
+    "update_bn_stats",
 ]
