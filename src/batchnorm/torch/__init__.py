@@ -19,6 +19,7 @@ from batchnorm.torch.family import (
 )
 from batchnorm.torch.fold import fold_batchnorm
 from batchnorm.torch.frozen import (
+    FrozenBatchNorm,
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
@@ -43,6 +44,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",

@@ -88,9 +88,16 @@ def _fold_sequences(model: nn.Module) -> bool:
     return True
 
 
+class _Tracer(fx.Tracer):
+    """Keeps every batch norm (ours have Python control flow inside) as one graph node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
+
+
 def _fold_graph(model: nn.Module) -> fx.GraphModule:
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as exc:
         raise ValueError(
             f"cannot fold batch norm in {type(model).__name__}: its BN layers do not each "

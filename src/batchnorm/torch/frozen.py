@@ -17,13 +17,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.math import eval_affine
 
-__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm"]
+__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm"]
 
 
-class _FrozenBatchNorm(nn.Module):
-    """BN with fixed statistics and affine parameters, stored as buffers."""
+class FrozenBatchNorm(nn.Module):
+    """BN with fixed statistics and affine parameters, stored as buffers; (N, C, ...) input of
+    any rank (what a SyncBatchNorm freezes into)."""
 
-    _expected_ndim: tuple[int, ...] = ()
+    _expected_ndim: tuple[int, ...] = ()  # empty: any rank >= 2
     weight: torch.Tensor
     bias: torch.Tensor
     running_mean: torch.Tensor
@@ -43,8 +44,8 @@ class _FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in self._expected_ndim:
-            dims = " or ".join(f"{d}D" for d in self._expected_ndim)
+        if x.dim() < 2 or (self._expected_ndim and x.dim() not in self._expected_ndim):
+            dims = " or ".join(f"{d}D" for d in self._expected_ndim) or "at least 2D"
             raise ValueError(f"expected {dims} input (got {x.dim()}D input)")
         scale, shift = eval_affine(self.weight, self.bias, self.running_mean, self.running_var,
                                    self.eps)
@@ -55,33 +56,33 @@ class _FrozenBatchNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-class FrozenBatchNorm1d(_FrozenBatchNorm):
+class FrozenBatchNorm1d(FrozenBatchNorm):
     """Frozen BN of (N, C) or (N, C, L) input."""
 
     _expected_ndim = (2, 3)
 
 
-class FrozenBatchNorm2d(_FrozenBatchNorm):
+class FrozenBatchNorm2d(FrozenBatchNorm):
     """Frozen BN of (N, C, H, W) input, as torchvision's ``FrozenBatchNorm2d``."""
 
     _expected_ndim = (4,)
 
 
-class FrozenBatchNorm3d(_FrozenBatchNorm):
+class FrozenBatchNorm3d(FrozenBatchNorm):
     """Frozen BN of (N, C, D, H, W) input."""
 
     _expected_ndim = (5,)
 
 
-def _frozen_class(bn: _BatchNorm) -> type[_FrozenBatchNorm]:
+def _frozen_class(bn: _BatchNorm) -> type[FrozenBatchNorm]:
     for base, cls in ((nn.BatchNorm1d, FrozenBatchNorm1d), (nn.BatchNorm2d, FrozenBatchNorm2d),
                       (nn.BatchNorm3d, FrozenBatchNorm3d)):
         if isinstance(bn, base):
             return cls
-    return FrozenBatchNorm2d  # SyncBatchNorm and others of no fixed rank: (N, C, H, W)
+    return FrozenBatchNorm  # SyncBatchNorm and others of no fixed rank
 
 
-def frozen_copy(bn: _BatchNorm) -> _FrozenBatchNorm:
+def frozen_copy(bn: _BatchNorm) -> FrozenBatchNorm:
     """A frozen BN holding ``bn``'s eval-mode map (copies of its statistics and parameters)."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
