@@ -32,12 +32,11 @@ def _batch_stats(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     return count, mean, (centered * centered).sum(dims)
 
 
-def _group(bn: nn.Module) -> Any:
-    """The process group a SyncBatchNorm layer spans, or None when it computes alone."""
+def _synced(bn: nn.Module) -> bool:
+    """True for a SyncBatchNorm layer in a process group of more than one."""
     if "process_group" not in vars(bn) or not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = bn.process_group
-    return group if dist.get_world_size(group) > 1 else None
+        return False
+    return dist.get_world_size(bn.process_group) > 1
 
 
 def _all_processes(group: Any, count: int, mean: torch.Tensor, m2: torch.Tensor
@@ -73,9 +72,8 @@ def update_bn_stats(
 
     def record(bn: nn.Module, args: tuple[Any, ...]) -> None:
         count, mean, m2 = _batch_stats(args[0])
-        group = _group(bn)
-        if group is not None:
-            count, mean, m2 = _all_processes(group, count, mean, m2)  # type: ignore[assignment]
+        if _synced(bn):
+            count, mean, m2 = _all_processes(bn.process_group, count, mean, m2)  # type: ignore[assignment]
         totals.add(id(bn), count, mean, m2)
 
     hooks = [bn.register_forward_pre_hook(record) for bn in layers]
