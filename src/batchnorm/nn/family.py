@@ -17,6 +17,7 @@ With r and d held constant in the backward, each group's dx is BN's with weight 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -77,8 +78,8 @@ def join(arrays: list[np.ndarray], parts: list[_Part], shape: tuple[int, ...]) -
     start = 0
     for a, part in zip(arrays, parts, strict=True):
         rows, g = a.shape[0], part.groups
-        back = a.reshape(rows, g, channels, inner).transpose(1, 0, 2, 3).reshape(-1, channels, inner)
-        out[start : start + rows * g] = back
+        back = a.reshape(rows, g, channels, inner).transpose(1, 0, 2, 3)
+        out[start : start + rows * g] = back.reshape(-1, channels, inner)
         start += rows * g
     return out
 
@@ -161,11 +162,12 @@ class _GroupedNorm(_BatchNorm):
         d = np.broadcast_to(d, means.shape)
         rm, rv = self.running_mean, self.running_var
         if call.count_batch and rm is not None and rv is not None and tracked is not None:
+            before = int(tracked)
             for i in range(len(means)):  # in order, as BN called on each chunk in turn
-                step = module_call(True, True, True, self.momentum, lambda: int(tracked))
+                step = module_call(True, True, True, self.momentum, partial(int, before + i))
                 rm[...], rv[...] = running_stats(rm, rv, means[i], m2s[i], chunk_counts[i],
                                                  step.momentum)
-                tracked += 1
+                tracked[...] += 1
         w = np.ones(channels) if self.weight is None else self.weight.data.astype(np.float64)
         b = np.zeros(channels) if self.bias is None else self.bias.data.astype(np.float64)
         rstd = inverse_std(var, self.eps)

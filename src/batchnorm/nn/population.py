@@ -76,8 +76,8 @@ def update_bn_stats(
     layers = [m for m in model.modules()
               if isinstance(m, _BatchNorm) and m.running_mean is not None]
     modes = [(m, m.training) for m in model.modules()]
-    saved = [(bn, np.copy(bn.running_mean), np.copy(bn.running_var),
-              np.copy(bn.num_batches_tracked)) for bn in layers]
+    saved = [(bn, np.array(bn.running_mean), np.array(bn.running_var),
+              np.array(bn.num_batches_tracked)) for bn in layers]
     grads = [(p, p.grad) for p in model.parameters()]
     totals = Totals()
 
@@ -99,7 +99,7 @@ def update_bn_stats(
         return record
 
     for bn in layers:
-        bn.forward = observe(bn)  # type: ignore[method-assign]
+        bn.forward = observe(bn)  # type: ignore[method-assign,assignment]
     model.train()
     done = False
     try:

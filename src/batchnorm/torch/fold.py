@@ -39,7 +39,7 @@ def folded(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
     out = copy.deepcopy(layer)
     w = out.weight
     transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
-    channels = w.shape[1] * layer.groups if transposed else w.shape[0]  # type: ignore[operator]
+    channels = int(w.shape[1] * layer.groups if transposed else w.shape[0])  # type: ignore
     if channels != bn.num_features:
         raise ValueError(
             f"cannot fold {type(bn).__name__}({bn.num_features}) after a layer with "
@@ -55,7 +55,7 @@ def folded(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
     bias = 0 * ones if layer.bias is None else layer.bias.detach().to(f64)
     with torch.no_grad():
         if transposed:  # weight (in, out/groups, k...): scale the out axis within each group
-            g = layer.groups  # type: ignore[attr-defined]
+            g = int(layer.groups)  # type: ignore[arg-type]
             grouped = w.detach().to(f64).reshape((g, -1) + tuple(w.shape[1:]))
             factor = scale.reshape((g, 1, -1) + (1,) * (w.dim() - 2))
             new_w = (grouped * factor).reshape(w.shape)

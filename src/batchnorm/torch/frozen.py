@@ -17,7 +17,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.math import eval_affine
 
-__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm"]
+__all__ = [
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "freeze_batchnorm",
+]
 
 
 class FrozenBatchNorm(nn.Module):

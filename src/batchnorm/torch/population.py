@@ -36,7 +36,7 @@ def _synced(bn: nn.Module) -> bool:
     """True for a SyncBatchNorm layer in a process group of more than one."""
     if "process_group" not in vars(bn) or not (dist.is_available() and dist.is_initialized()):
         return False
-    return dist.get_world_size(bn.process_group) > 1
+    return dist.get_world_size(bn.process_group) > 1  # type: ignore[arg-type]
 
 
 def _all_processes(group: Any, count: int, mean: torch.Tensor, m2: torch.Tensor
