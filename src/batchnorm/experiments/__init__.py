@@ -34,6 +34,8 @@ EXPERIMENTS: dict[str, str] = {
     "depth": "batchnorm.experiments.depth",
     "batch-size": "batchnorm.experiments.batch_size",
     "sync": "batchnorm.experiments.sync",
+    "renorm": "batchnorm.experiments.renorm",
+    "population": "batchnorm.experiments.population",
 }
 
 
