@@ -25,6 +25,13 @@ from batchnorm.torch.frozen import (
     FrozenBatchNorm3d,
     freeze_batchnorm,
 )
+from batchnorm.torch.fused import (
+    BatchNormReLU1d,
+    BatchNormReLU2d,
+    BatchNormReLU3d,
+    bn_relu,
+    fuse_bn_relu,
+)
 from batchnorm.torch.function import BatchNormFunction, batch_norm, route
 from batchnorm.torch.modules import (
     BatchNorm1d,
@@ -41,6 +48,9 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -53,10 +63,12 @@ __all__ = [
     "GhostBatchNorm3d",
     "SyncBatchNorm",
     "batch_norm",
+    "bn_relu",
     "convert_model",
     "convert_sync_batchnorm",
     "fold_batchnorm",
     "freeze_batchnorm",
+    "fuse_bn_relu",
     "revert_model",
     "route",
     "update_bn_stats",
