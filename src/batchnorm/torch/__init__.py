@@ -25,6 +25,7 @@ from batchnorm.torch.frozen import (
     FrozenBatchNorm3d,
     freeze_batchnorm,
 )
+from batchnorm.torch.function import BatchNormFunction, batch_norm, route
 from batchnorm.torch.fused import (
     BatchNormReLU1d,
     BatchNormReLU2d,
@@ -32,7 +33,6 @@ from batchnorm.torch.fused import (
     bn_relu,
     fuse_bn_relu,
 )
-from batchnorm.torch.function import BatchNormFunction, batch_norm, route
 from batchnorm.torch.modules import (
     BatchNorm1d,
     BatchNorm2d,
