@@ -9,6 +9,7 @@ ratios of medians. Writes JSON (default ``benchmarks/results/family_bn_relu.json
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -119,12 +120,12 @@ def main() -> None:
     model = resnet18()
     xb = torch.randn(args.resnet_batch, 3, args.resnet_size, args.resnet_size)
     yb = torch.randint(0, 1000, (args.resnet_batch,))
-    native_model = model
-    fused_model = bt.fuse_bn_relu(bt.convert_model(resnet18()))
-    fused_model.load_state_dict(native_model.state_dict())
+    converted = bt.convert_model(copy.deepcopy(model))
+    fused_model = bt.fuse_bn_relu(converted)
     rows["resnet18 train step"] = alternate({
         "fused (ours)": train_step(fused_model, xb, yb),
-        "PyTorch": train_step(native_model, xb, yb),
+        "our BN (convert_model)": train_step(converted, xb, yb),
+        "PyTorch": train_step(model, xb, yb),
     }, max(3, args.reps // 3), warmup=1)
     meta = {"shape": shape, "dtype": "float32", "threads": torch.get_num_threads(),
             "resnet": [args.resnet_batch, 3, args.resnet_size, args.resnet_size],

@@ -20,6 +20,13 @@ NATIVE = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNo
 SHAPES = [(9, 3), (4, 3, 70), (3, 4, 9, 10), (2, 3, 2, 5, 8)]
 
 
+@pytest.fixture(autouse=True)
+def _small_inputs_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchnorm.torch import fused
+
+    monkeypatch.setattr(fused, "MIN_NUMEL", 0)
+
+
 @pytest.fixture(params=["fused", "per-pass"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if "numba" in kernels.available():

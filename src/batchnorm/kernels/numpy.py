@@ -106,16 +106,10 @@ def normalize_relu(
     shift: np.ndarray,
     residual3: np.ndarray | None,
 ) -> np.ndarray:
-    y3 = np.empty_like(x3)
-    for os_, cs in _blocks(x3.shape):
-        d = x3[os_, cs].astype(np.float64) - _col(mean, cs)
-        d *= _col(scale, cs)
-        d += _col(shift, cs)
-        if residual3 is not None:
-            d += residual3[os_, cs]
-        np.maximum(d, 0, out=d)
-        y3[os_, cs] = d
-    return y3
+    y3 = normalize(x3, mean, scale, shift)
+    if residual3 is not None:
+        y3 += residual3
+    return np.maximum(y3, 0, out=y3)
 
 
 def _masked(dy: np.ndarray, d: np.ndarray, scale: np.ndarray, shift: np.ndarray,

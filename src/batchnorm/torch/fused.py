@@ -35,6 +35,9 @@ from batchnorm.torch.modules import batch_norm_arguments
 __all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "bn_relu", "fuse_bn_relu"]
 
 CPU_DTYPES = (torch.float32, torch.float64)
+# smaller CPU inputs go to PyTorch's ops: there the Python around our kernels costs more than
+# the passes (the same threshold as batchnorm.torch.batch_norm's)
+MIN_NUMEL = 1 << 15
 # the BN classes the fx pass fuses: PyTorch's and our drop-ins (not SyncBN, renorm, ghost)
 _FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, ours.BatchNorm1d, ours.BatchNorm2d,
             ours.BatchNorm3d)
@@ -145,8 +148,11 @@ class _BNReLUFunction(torch.autograd.Function):
 
 
 def _ours(x: torch.Tensor, residual: torch.Tensor | None, *params: torch.Tensor | None) -> bool:
-    """CPU float32/float64 tensors of one dtype, dense (contiguous or channels-last)."""
-    if x.device.type != "cpu" or x.dtype not in CPU_DTYPES or x.dim() < 2 or x.numel() == 0:
+    """CPU float32/float64 tensors of one dtype, dense (contiguous or channels-last), of at
+    least MIN_NUMEL elements."""
+    if x.device.type != "cpu" or x.dtype not in CPU_DTYPES or x.dim() < 2:
+        return False
+    if x.numel() < max(1, MIN_NUMEL):
         return False
     if not (x.is_contiguous() or x.movedim(1, -1).is_contiguous()):
         return False

@@ -34,11 +34,6 @@ _grad_coefficients = njit(**FLAGS)(math.grad_coefficients)
 
 
 @njit(**FLAGS)
-def _relu(v: float) -> float:
-    return v if v > 0.0 else 0.0
-
-
-@njit(**FLAGS)
 def _keep(x: Any, y: Any, has_y: bool, o: int, c: int, i: int, m: float, s: float,
           t: float) -> bool:
     """ReLU's mask: y > 0, or z > 0 recomputed from x."""
@@ -47,36 +42,47 @@ def _keep(x: Any, y: Any, has_y: bool, o: int, c: int, i: int, m: float, s: floa
     return (x[o, c, i] - m) * s + t > 0.0
 
 
+# --- one segment x[o, c, :]: what every kernel below does to the segments it owns -------------
+@njit(**FLAGS)
+def _segment_relu(x: Any, res: Any, has_res: bool, o: int, c: int, m: float, s: float,
+                  t: float, y: Any) -> None:
+    for i in range(x.shape[2]):
+        v = (x[o, c, i] - m) * s + t
+        if has_res:
+            v += res[o, c, i]
+        y[o, c, i] = v if v > 0.0 else 0.0
+
+
+@njit(**FLAGS)
+def _segment_sums(dy: Any, x: Any, y: Any, has_y: bool, o: int, c: int, m: float, s: float,
+                  t: float) -> Any:
+    a = 0.0
+    b = 0.0
+    for i in range(x.shape[2]):
+        g = dy[o, c, i] if _keep(x, y, has_y, o, c, i, m, s, t) else 0.0
+        a += g
+        b += g * (x[o, c, i] - m)
+    return a, b
+
+
+@njit(**FLAGS)
+def _segment_dx(dy: Any, x: Any, y: Any, has_y: bool, o: int, c: int, m: float, s: float,
+                t: float, k: Any, want_dz: bool, dx: Any, dz: Any) -> None:
+    ka, kb, kc = k
+    for i in range(x.shape[2]):
+        g = dy[o, c, i] if _keep(x, y, has_y, o, c, i, m, s, t) else 0.0
+        dx[o, c, i] = ka * g + kb * (x[o, c, i] - m) + kc
+        if want_dz:
+            dz[o, c, i] = g
+
+
 # --- per-pass kernels: threads split the outer rows -------------------------------------------
 @njit(**PARALLEL_FLAGS)
 def _normalize_relu(x: Any, mean: Any, scale: Any, shift: Any, res: Any, has_res: bool,
                     y: Any) -> None:
-    outer, channels, inner = x.shape
-    for o in prange(outer):
-        for c in range(channels):
-            m, s, t = mean[c], scale[c], shift[c]
-            for i in range(inner):
-                v = (x[o, c, i] - m) * s + t
-                if has_res:
-                    v += res[o, c, i]
-                y[o, c, i] = _relu(v)
-
-
-@njit(**FLAGS)
-def _chunk_sums(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any, shift: Any,
-                lo: int, hi: int, s1: Any, s2: Any) -> None:
-    channels, inner = x.shape[1], x.shape[2]
-    for o in range(lo, hi):
-        for c in range(channels):
-            m, s, t = mean[c], scale[c], shift[c]
-            a = 0.0
-            b = 0.0
-            for i in range(inner):
-                g = dy[o, c, i] if _keep(x, y, has_y, o, c, i, m, s, t) else 0.0
-                a += g
-                b += g * (x[o, c, i] - m)
-            s1[c] += a
-            s2[c] += b
+    for o in prange(x.shape[0]):
+        for c in range(x.shape[1]):
+            _segment_relu(x, res, has_res, o, c, mean[c], scale[c], shift[c], y)
 
 
 @njit(**PARALLEL_FLAGS)
@@ -87,23 +93,21 @@ def _relu_grad_sums(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any,
     s2 = np.zeros((chunks, channels))
     step = (outer + chunks - 1) // chunks
     for t in prange(chunks):
-        _chunk_sums(dy, x, y, has_y, mean, scale, shift, t * step, min(outer, (t + 1) * step),
-                    s1[t], s2[t])
+        for o in range(t * step, min(outer, (t + 1) * step)):
+            for c in range(channels):
+                a, b = _segment_sums(dy, x, y, has_y, o, c, mean[c], scale[c], shift[c])
+                s1[t, c] += a
+                s2[t, c] += b
     return s1.sum(axis=0), s2.sum(axis=0)
 
 
 @njit(**PARALLEL_FLAGS)
 def _relu_grad_input(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any, shift: Any,
                      a: Any, b: Any, c: Any, want_dz: bool, dx: Any, dz: Any) -> None:
-    outer, channels, inner = x.shape
-    for o in prange(outer):
-        for ch in range(channels):
-            m, s, t, ka, kb, kc = mean[ch], scale[ch], shift[ch], a[ch], b[ch], c[ch]
-            for i in range(inner):
-                g = dy[o, ch, i] if _keep(x, y, has_y, o, ch, i, m, s, t) else 0.0
-                dx[o, ch, i] = ka * g + kb * (x[o, ch, i] - m) + kc
-                if want_dz:
-                    dz[o, ch, i] = g
+    for o in prange(x.shape[0]):
+        for ch in range(x.shape[1]):
+            _segment_dx(dy, x, y, has_y, o, ch, mean[ch], scale[ch], shift[ch],
+                        (a[ch], b[ch], c[ch]), want_dz, dx, dz)
 
 
 # --- fused training passes: threads take whole channels ---------------------------------------
@@ -125,37 +129,27 @@ def _fused_forward(x: Any, weight: Any, bias: Any, eps: float, res: Any, has_res
                 q += d * d
         mean[c], m2[c] = m, q
         s = weight[c] * _inverse_std(q / n, eps)
-        t = bias[c]
         for o in range(outer):
-            for i in range(inner):
-                v = (x[o, c, i] - m) * s + t
-                if has_res:
-                    v += res[o, c, i]
-                y[o, c, i] = _relu(v)
+            _segment_relu(x, res, has_res, o, c, m, s, bias[c], y)
 
 
 @njit(**PARALLEL_FLAGS)
 def _fused_backward(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, rstd: Any, weight: Any,
                     bias: Any, count: int, want_dz: bool, dx: Any, dz: Any, s1: Any,
                     s2: Any) -> None:
-    outer, channels, inner = x.shape
+    outer, channels = x.shape[0], x.shape[1]
     for c in prange(channels):
         m, s, t = mean[c], weight[c] * rstd[c], bias[c]
         a = 0.0
         b = 0.0
         for o in range(outer):
-            for i in range(inner):
-                g = dy[o, c, i] if _keep(x, y, has_y, o, c, i, m, s, t) else 0.0
-                a += g
-                b += g * (x[o, c, i] - m)
+            da, db = _segment_sums(dy, x, y, has_y, o, c, m, s, t)
+            a += da
+            b += db
         s1[c], s2[c] = a, b
-        ka, kb, kc = _grad_coefficients(weight[c], rstd[c], a, b, count)
+        k = _grad_coefficients(weight[c], rstd[c], a, b, count)
         for o in range(outer):
-            for i in range(inner):
-                g = dy[o, c, i] if _keep(x, y, has_y, o, c, i, m, s, t) else 0.0
-                dx[o, c, i] = ka * g + kb * (x[o, c, i] - m) + kc
-                if want_dz:
-                    dz[o, c, i] = g
+            _segment_dx(dy, x, y, has_y, o, c, m, s, t, k, want_dz, dx, dz)
 
 
 # --- the interface (same signatures as batchnorm.kernels.numpy) ---------------------------------
