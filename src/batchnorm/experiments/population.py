@@ -19,7 +19,7 @@ import numpy as np
 
 from batchnorm import data as data_mod
 from batchnorm.experiments import common
-from batchnorm.experiments.renorm import network
+from batchnorm.experiments.renorm import network, sgd_step
 from batchnorm.nn import update_bn_stats
 from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
@@ -64,11 +64,7 @@ def train_case(config: Config, data: data_mod.Dataset, bn_momentum: float) -> di
     every = max(1, config.steps // config.evals)
     curve = []
     for step in range(1, config.steps + 1):
-        xb, yb = sampler.next()
-        opt.zero_grad()
-        loss_fn.forward(net.forward(xb), yb)
-        net.backward_params(loss_fn.backward())
-        opt.step()
+        sgd_step(net, opt, loss_fn, *sampler.next())
         if step % every == 0 or step == config.steps:
             ema = common.accuracy(net, data.x_test, data.y_test)
             population = common.BatchSampler(data.x_train, data.y_train, config.batch,

@@ -84,6 +84,16 @@ def network(sizes: list[int], layer: str, momentum: float, rng: np.random.Genera
     return net
 
 
+def sgd_step(net: Sequential, opt: SGD, loss_fn: CrossEntropyLoss, xb: np.ndarray,
+             yb: np.ndarray) -> float:
+    """One training step on a batch; returns the loss before the step."""
+    opt.zero_grad()
+    loss = loss_fn.forward(net.forward(xb), yb)
+    net.backward_params(loss_fn.backward())
+    opt.step()
+    return float(loss)
+
+
 class ClassSampler:
     """Minibatches of ``batch`` examples from ``k`` random classes, ``batch // k`` each."""
 
@@ -124,11 +134,7 @@ def train_case(config: Config, data: data_mod.Dataset, setting: str, layer: str
         rmax, dmax = schedule(config, step)
         for m in renorms:
             m.rmax, m.dmax = rmax, dmax
-        xb, yb = draw()
-        opt.zero_grad()
-        loss = loss_fn.forward(net.forward(xb), yb)
-        net.backward_params(loss_fn.backward())
-        opt.step()
+        loss = sgd_step(net, opt, loss_fn, *draw())
         if step % every == 0 or step == config.steps:
             curve.append([step, common.accuracy(net, data.x_test, data.y_test)])
     return {"setting": setting, "layer": layer, "steps": config.steps,
