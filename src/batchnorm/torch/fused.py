@@ -1,13 +1,14 @@
 """Fused batch norm + ReLU (+ residual) for PyTorch, and the ``torch.fx`` pass that uses it.
 
 ``BatchNormReLU2d(...)(x, residual=None) = relu(bn(x) + residual)`` with BN's constructor,
-buffers and semantics (it subclasses ``torch.nn.BatchNorm2d``). On CPU float32/float64 it
-runs our kernels (:mod:`batchnorm.kernels.numpy`, ``batchnorm.kernels.numba.relu``): the
-normalization, the residual add and the ReLU in one pass, and a backward that reads the
-output ``y`` for ReLU's mask instead of a saved pre-activation, so each direction makes one
-pass less than BN followed by ``torch.relu`` and one activation-sized tensor less is kept
-for the backward. Elsewhere (CUDA, other dtypes, inputs needing double backward) it is
-PyTorch's ``relu(batch_norm(x) + residual)``.
+buffers and semantics (it subclasses ``torch.nn.BatchNorm2d``). On CUDA it runs the Triton
+kernels of :mod:`batchnorm.torch.fused_triton`; on CPU float32/float64 our kernels
+(:mod:`batchnorm.kernels.numpy`, ``batchnorm.kernels.numba.relu``). Either way the
+normalization, the residual add and the ReLU are one pass, and the backward takes ReLU's mask
+from the output (with a residual) or recomputes it from x (without), so each direction makes
+one pass less than BN followed by ``torch.relu`` and no pre-activation is kept for the
+backward. Elsewhere (other dtypes or layouts, small CPU inputs) it is PyTorch's
+``relu(batch_norm(x) + residual)``.
 
 ``fuse_bn_relu(model)`` rewrites BN -> ReLU and BN -> add -> ReLU in a model's ``torch.fx``
 graph (a ResNet basic block's ``relu(bn2(conv2(.)) + identity)``).
@@ -38,6 +39,7 @@ CPU_DTYPES = (torch.float32, torch.float64)
 # smaller CPU inputs go to PyTorch's ops: there the Python around our kernels costs more than
 # the passes (the same threshold as batchnorm.torch.batch_norm's)
 MIN_NUMEL = 1 << 15
+TRITON_ON_CPU = False  # tests: the Triton path for CPU tensors, under TRITON_INTERPRET=1
 # the BN classes the fx pass fuses: PyTorch's and our drop-ins (not SyncBN, renorm, ghost)
 _FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, ours.BatchNorm1d, ours.BatchNorm2d,
             ours.BatchNorm3d)
@@ -164,6 +166,24 @@ def _ours(x: torch.Tensor, residual: torch.Tensor | None, *params: torch.Tensor 
     return all(p is None or (p.dtype == x.dtype and p.device == x.device) for p in params)
 
 
+def _triton(x: torch.Tensor, residual: torch.Tensor | None,
+            *params: torch.Tensor | None) -> bool:
+    """CUDA (or, in tests, CPU) tensors the Triton kernels take: float32/16/bf16, dense,
+    a residual of x's shape, dtype and strides, parameters on x's device."""
+    if not (x.is_cuda or TRITON_ON_CPU) or x.dim() < 2 or torch.compiler.is_compiling():
+        return False
+    try:
+        from batchnorm.torch import fused_triton
+    except ImportError:
+        return False
+    if x.dtype not in fused_triton.DTYPES or fused_triton.view3d(x) is None:
+        return False
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.stride() != x.stride()):
+        return False
+    return all(p is None or p.device == x.device for p in params)
+
+
 def bn_relu(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -177,7 +197,13 @@ def bn_relu(
     backend: str = "auto",
 ) -> torch.Tensor:
     """``relu(batch_norm(x, ...) + residual)``, with ``torch.nn.functional.batch_norm``'s
-    arguments; our fused CPU kernels where they apply, PyTorch's ops elsewhere."""
+    arguments; our fused Triton (CUDA) or CPU kernels where they apply, PyTorch's ops
+    elsewhere."""
+    if _triton(x, residual, weight, bias, running_mean, running_var):
+        from batchnorm.torch.fused_triton import TritonBNReLU
+
+        return TritonBNReLU.apply(x, residual, weight, bias, running_mean, running_var,
+                                  training, momentum, eps)
     if _ours(x, residual, weight, bias, running_mean, running_var):
         return _BNReLUFunction.apply(x, residual, weight, bias, running_mean, running_var,
                                      training, momentum, eps, kernels.resolve(backend))
