@@ -27,10 +27,12 @@ __all__ = [
     "ModuleCall",
     "chan_merge",
     "chan_merge_step",
+    "eval_affine",
     "grad_coefficients",
     "inverse_std",
     "merge_all",
     "module_call",
+    "renorm_correction",
     "running_stats",
 ]
 
@@ -146,3 +148,39 @@ def module_call(
         batch_stats=training or not has_running,
         pass_buffers=not training or track_running_stats,
     )
+
+
+# --- the BN family: Batch Renorm's correction, eval BN as one affine map ----------------------
+def _clip(value: Any, low: float, high: float) -> Any:
+    if hasattr(value, "clamp"):  # torch tensor
+        return value.clamp(low, high)
+    import numpy as np
+
+    return np.clip(value, low, high)
+
+
+def renorm_correction(
+    mean: Any, var: Any, running_mean: Any, running_var: Any, eps: float, rmax: float, dmax: float
+) -> tuple[Any, Any]:
+    """Batch Renormalization's ``(r, d)`` (Ioffe 2017, Algorithm 1), constants in the backward.
+
+    ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and ``d = clip((mean - running_mean) / sigma,
+    -dmax, dmax)`` with ``sigma_B = sqrt(var + eps)`` (biased batch variance) and ``sigma =
+    sqrt(running_var + eps)`` from before this batch; the output is
+    ``w * ((x - mean) / sigma_B * r + d) + b``. ``rmax=1, dmax=0`` gives ``r=1, d=0``: BN.
+    """
+    inv_sigma = inverse_std(running_var, eps)
+    r = _clip(inv_sigma / inverse_std(var, eps), 1.0 / rmax, rmax)
+    d = _clip((mean - running_mean) * inv_sigma, -dmax, dmax)
+    return r, d
+
+
+def eval_affine(
+    weight: Any, bias: Any, running_mean: Any, running_var: Any, eps: float
+) -> tuple[Any, Any]:
+    """Eval-mode BN as ``y = x * scale + shift`` per channel (frozen BN, folding).
+
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``.
+    """
+    scale = weight * inverse_std(running_var, eps)
+    return scale, bias - running_mean * scale

@@ -94,3 +94,89 @@ def fused_backward(
 ) -> None:
     """Declines: NumPy makes the two passes anyway."""
     return None
+
+
+# --- fused BN + ReLU (+ residual): used by batchnorm.torch.BatchNormReLU* ----------------------
+# z = (x - mean) * scale + shift [+ residual], y = max(z, 0). The backward needs ReLU's mask
+# z > 0: from y when there is a residual, else recomputed from x (nothing else is saved).
+def normalize_relu(
+    x3: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    residual3: np.ndarray | None,
+) -> np.ndarray:
+    y3 = normalize(x3, mean, scale, shift)
+    if residual3 is not None:
+        y3 += residual3
+    return np.maximum(y3, 0, out=y3)
+
+
+def _masked(dy: np.ndarray, d: np.ndarray, scale: np.ndarray, shift: np.ndarray,
+            y: np.ndarray | None) -> np.ndarray:
+    """dz = dy where z > 0, else 0 (``d = x - mean`` of the block)."""
+    keep = y > 0 if y is not None else d * scale + shift > 0
+    return np.where(keep, dy, 0)
+
+
+def relu_grad_sums(
+    dy3: np.ndarray,
+    x3: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    y3: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``sum(dz)`` and ``sum(dz * (x - mean))`` with ``dz = dy * (z > 0)``."""
+    sum_dz = np.zeros(x3.shape[1])
+    sum_dz_xmu = np.zeros(x3.shape[1])
+    for os_, cs in _blocks(x3.shape):
+        d = x3[os_, cs].astype(np.float64) - _col(mean, cs)
+        y = None if y3 is None else y3[os_, cs]
+        dz = _masked(dy3[os_, cs], d, _col(scale, cs), _col(shift, cs), y).astype(np.float64)
+        sum_dz[cs] += dz.sum(axis=(0, 2))
+        sum_dz_xmu[cs] += np.einsum("ijk,ijk->j", dz, d)
+    return sum_dz, sum_dz_xmu
+
+
+def relu_grad_input(
+    dy3: np.ndarray,
+    x3: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    y3: np.ndarray | None,
+    coefficients: tuple[np.ndarray, np.ndarray, np.ndarray],
+    want_dz: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``dx = a * dz + b * (x - mean) + c``, and ``dz`` itself (the residual's gradient)."""
+    a, b, c = coefficients
+    dx3 = np.empty_like(x3)
+    dz3 = np.empty_like(dy3) if want_dz else None
+    for os_, cs in _blocks(x3.shape):
+        d = x3[os_, cs].astype(np.float64) - _col(mean, cs)
+        y = None if y3 is None else y3[os_, cs]
+        dz = _masked(dy3[os_, cs], d, _col(scale, cs), _col(shift, cs), y)
+        if dz3 is not None:
+            dz3[os_, cs] = dz
+        d *= _col(b, cs)
+        d += _col(c, cs)
+        d += dz * _col(a, cs)
+        dx3[os_, cs] = d
+    return dx3, dz3
+
+
+def fused_forward_relu(
+    x3: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
+    residual3: np.ndarray | None,
+) -> None:
+    """Declines: NumPy makes the passes anyway."""
+    return None
+
+
+def fused_backward_relu(
+    dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray, rstd: np.ndarray, weight: np.ndarray,
+    bias: np.ndarray, y3: np.ndarray | None, count: int, want_dz: bool,
+) -> None:
+    """Declines: NumPy makes the passes anyway."""
+    return None

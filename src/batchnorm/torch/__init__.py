@@ -9,7 +9,30 @@ PyTorch's, same constructor). Needs the ``torch`` extra; the GPU kernels need ``
 this package imports without it. Dispatch rules: :mod:`batchnorm.torch.function`.
 """
 
+from batchnorm.torch.family import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+)
+from batchnorm.torch.fold import fold_batchnorm
+from batchnorm.torch.frozen import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze_batchnorm,
+)
 from batchnorm.torch.function import BatchNormFunction, batch_norm, route
+from batchnorm.torch.fused import (
+    BatchNormReLU1d,
+    BatchNormReLU2d,
+    BatchNormReLU3d,
+    bn_relu,
+    fuse_bn_relu,
+)
 from batchnorm.torch.modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -17,6 +40,7 @@ from batchnorm.torch.modules import (
     convert_model,
     revert_model,
 )
+from batchnorm.torch.population import update_bn_stats
 from batchnorm.torch.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
@@ -24,10 +48,28 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "SyncBatchNorm",
     "batch_norm",
+    "bn_relu",
     "convert_model",
     "convert_sync_batchnorm",
+    "fold_batchnorm",
+    "freeze_batchnorm",
+    "fuse_bn_relu",
     "revert_model",
     "route",
+    "update_bn_stats",
 ]

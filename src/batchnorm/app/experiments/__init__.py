@@ -44,6 +44,8 @@ EXPERIMENTS: dict[str, str] = {
     "noisy-bn": "batchnorm.app.experiments.noisy_bn",
     "ics": "batchnorm.app.experiments.ics",
     "landscape": "batchnorm.app.experiments.landscape",
+    "renorm": "batchnorm.app.experiments.renorm",
+    "population": "batchnorm.app.experiments.population",
 }
 
 

@@ -1,0 +1,245 @@
+"""Numba kernels for fused BN + ReLU (+ residual): the NumPy module's functions, in parallel.
+
+``z = (x - mean) * scale + shift [+ residual]``, ``y = max(z, 0)``. The backward needs ReLU's
+mask ``z > 0``: read from ``y`` when there is a residual, else recomputed from ``x`` (which BN
+keeps anyway), so no pre-activation is ever stored.
+
+Training passes (:func:`fused_forward_relu`, :func:`fused_backward_relu`) give each thread
+whole channels: a channel's values are read from memory once and the next passes over them
+(the squared deviations, then the output; the gradient sums, then dx) come from cache. With
+BN then a separate ReLU, the ReLU reads and writes the whole activation once more each way.
+They decline (None) for short segments (channels-last, small maps), where the per-pass
+kernels below, which split the ``outer`` rows among threads, take over.
+
+Everything computes in float64 and rounds once; the formulas are the ones of
+:mod:`batchnorm.math`, compiled from there (``inverse_std``, ``grad_coefficients``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from batchnorm import math
+from batchnorm.kernels.numba import FLAGS, PARALLEL_FLAGS
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FUSE_MIN_INNER = 64  # shorter segments (channels-last, maps under 8x8) use the per-pass kernels
+
+_inverse_std = njit(**FLAGS)(math.inverse_std)
+_grad_coefficients = njit(**FLAGS)(math.grad_coefficients)
+
+
+@njit(**FLAGS)
+def _keep(x: Any, y: Any, has_y: bool, o: int, c: int, i: int, m: float, s: float,
+          t: float) -> bool:
+    """ReLU's mask: y > 0, or z > 0 recomputed from x."""
+    if has_y:
+        return y[o, c, i] > 0.0
+    return (x[o, c, i] - m) * s + t > 0.0
+
+
+# --- one segment x[o, c, :]: what every kernel below does to the segments it owns -------------
+@njit(**FLAGS)
+def _segment_relu(x: Any, res: Any, has_res: bool, o: int, c: int, m: float, s: float,
+                  t: float, y: Any) -> None:
+    for i in range(x.shape[2]):
+        v = (x[o, c, i] - m) * s + t
+        if has_res:
+            v += res[o, c, i]
+        y[o, c, i] = v if v > 0.0 else 0.0
+
+
+@njit(**FLAGS)
+def _segment_sums(dy: Any, x: Any, y: Any, has_y: bool, o: int, c: int, m: float, s: float,
+                  t: float) -> Any:
+    a = 0.0
+    b = 0.0
+    for i in range(x.shape[2]):
+        g = dy[o, c, i] if _keep(x, y, has_y, o, c, i, m, s, t) else 0.0
+        a += g
+        b += g * (x[o, c, i] - m)
+    return a, b
+
+
+@njit(**FLAGS)
+def _segment_dx(dy: Any, x: Any, y: Any, has_y: bool, o: int, c: int, m: float, s: float,
+                t: float, k: Any, want_dz: bool, dx: Any, dz: Any) -> None:
+    ka, kb, kc = k
+    for i in range(x.shape[2]):
+        g = dy[o, c, i] if _keep(x, y, has_y, o, c, i, m, s, t) else 0.0
+        dx[o, c, i] = ka * g + kb * (x[o, c, i] - m) + kc
+        if want_dz:
+            dz[o, c, i] = g
+
+
+# --- per-pass kernels: threads split the outer rows -------------------------------------------
+@njit(**PARALLEL_FLAGS)
+def _normalize_relu(x: Any, mean: Any, scale: Any, shift: Any, res: Any, has_res: bool,
+                    y: Any) -> None:
+    for o in prange(x.shape[0]):
+        for c in range(x.shape[1]):
+            _segment_relu(x, res, has_res, o, c, mean[c], scale[c], shift[c], y)
+
+
+@njit(**PARALLEL_FLAGS)
+def _relu_grad_sums(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any, shift: Any,
+                    chunks: int) -> Any:
+    outer, channels = x.shape[0], x.shape[1]
+    s1 = np.zeros((chunks, channels))
+    s2 = np.zeros((chunks, channels))
+    step = (outer + chunks - 1) // chunks
+    for t in prange(chunks):
+        for o in range(t * step, min(outer, (t + 1) * step)):
+            for c in range(channels):
+                a, b = _segment_sums(dy, x, y, has_y, o, c, mean[c], scale[c], shift[c])
+                s1[t, c] += a
+                s2[t, c] += b
+    return s1.sum(axis=0), s2.sum(axis=0)
+
+
+@njit(**PARALLEL_FLAGS)
+def _relu_grad_input(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any, shift: Any,
+                     a: Any, b: Any, c: Any, want_dz: bool, dx: Any, dz: Any) -> None:
+    for o in prange(x.shape[0]):
+        for ch in range(x.shape[1]):
+            _segment_dx(dy, x, y, has_y, o, ch, mean[ch], scale[ch], shift[ch],
+                        (a[ch], b[ch], c[ch]), want_dz, dx, dz)
+
+
+# --- fused training passes: threads take whole channels ---------------------------------------
+@njit(**PARALLEL_FLAGS)
+def _fused_forward(x: Any, weight: Any, bias: Any, eps: float, res: Any, has_res: bool,
+                   y: Any, mean: Any, m2: Any) -> None:
+    outer, channels, inner = x.shape
+    n = outer * inner
+    for c in prange(channels):
+        total = 0.0
+        for o in range(outer):
+            for i in range(inner):
+                total += x[o, c, i]
+        m = total / n
+        q = 0.0
+        for o in range(outer):
+            for i in range(inner):
+                d = x[o, c, i] - m
+                q += d * d
+        mean[c], m2[c] = m, q
+        s = weight[c] * _inverse_std(q / n, eps)
+        for o in range(outer):
+            _segment_relu(x, res, has_res, o, c, m, s, bias[c], y)
+
+
+@njit(**PARALLEL_FLAGS)
+def _fused_backward(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, rstd: Any, weight: Any,
+                    bias: Any, count: int, want_dz: bool, dx: Any, dz: Any, s1: Any,
+                    s2: Any) -> None:
+    outer, channels = x.shape[0], x.shape[1]
+    for c in prange(channels):
+        m, s, t = mean[c], weight[c] * rstd[c], bias[c]
+        a = 0.0
+        b = 0.0
+        for o in range(outer):
+            da, db = _segment_sums(dy, x, y, has_y, o, c, m, s, t)
+            a += da
+            b += db
+        s1[c], s2[c] = a, b
+        k = _grad_coefficients(weight[c], rstd[c], a, b, count)
+        for o in range(outer):
+            _segment_dx(dy, x, y, has_y, o, c, m, s, t, k, want_dz, dx, dz)
+
+
+# --- the interface (same signatures as batchnorm.kernels.numpy) ---------------------------------
+def _vec(v: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(v, dtype=np.float64)
+
+
+def _mask_source(y3: np.ndarray | None, x3: np.ndarray) -> tuple[np.ndarray, bool]:
+    return (x3, False) if y3 is None else (y3, True)
+
+
+def normalize_relu(
+    x3: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    residual3: np.ndarray | None,
+) -> np.ndarray:
+    y3 = np.empty_like(x3)
+    res = x3 if residual3 is None else residual3
+    _normalize_relu(x3, _vec(mean), _vec(scale), _vec(shift), res, residual3 is not None, y3)
+    return y3
+
+
+def relu_grad_sums(
+    dy3: np.ndarray,
+    x3: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    y3: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    chunks = max(1, min(numba.get_num_threads(), x3.shape[0]))
+    y, has_y = _mask_source(y3, x3)
+    s1, s2 = _relu_grad_sums(dy3, x3, y, has_y, _vec(mean), _vec(scale), _vec(shift), chunks)
+    return s1, s2
+
+
+def relu_grad_input(
+    dy3: np.ndarray,
+    x3: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    y3: np.ndarray | None,
+    coefficients: tuple[np.ndarray, np.ndarray, np.ndarray],
+    want_dz: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    a, b, c = coefficients
+    dx3 = np.empty_like(x3)
+    dz3 = np.empty_like(dy3) if want_dz else dx3
+    y, has_y = _mask_source(y3, x3)
+    _relu_grad_input(dy3, x3, y, has_y, _vec(mean), _vec(scale), _vec(shift), _vec(a), _vec(b),
+                     _vec(c), want_dz, dx3, dz3)
+    return dx3, (dz3 if want_dz else None)
+
+
+def _fusable(x3: np.ndarray) -> bool:
+    return x3.shape[2] >= FUSE_MIN_INNER and x3.shape[1] >= numba.get_num_threads()
+
+
+def fused_forward_relu(
+    x3: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
+    residual3: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Training forward reading x from memory once: ``(y3, mean, m2)``, or None."""
+    if not _fusable(x3):
+        return None
+    channels = x3.shape[1]
+    y3 = np.empty_like(x3)
+    mean, m2 = np.empty(channels), np.empty(channels)
+    res = x3 if residual3 is None else residual3
+    _fused_forward(x3, _vec(weight), _vec(bias), float(eps), res, residual3 is not None, y3,
+                   mean, m2)
+    return y3, mean, m2
+
+
+def fused_backward_relu(
+    dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray, rstd: np.ndarray, weight: np.ndarray,
+    bias: np.ndarray, y3: np.ndarray | None, count: int, want_dz: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray] | None:
+    """Training backward reading dy and x (and y) from memory once:
+    ``(dx3, dz3 or None, sum_dz, sum_dz_xmu)``, or None."""
+    if not _fusable(x3):
+        return None
+    channels = x3.shape[1]
+    dx3 = np.empty_like(x3)
+    dz3 = np.empty_like(dy3) if want_dz else dx3
+    s1, s2 = np.empty(channels), np.empty(channels)
+    y, has_y = _mask_source(y3, x3)
+    _fused_backward(dy3, x3, y, has_y, _vec(mean), _vec(rstd), _vec(weight), _vec(bias),
+                    count, want_dz, dx3, dz3, s1, s2)
+    return dx3, (dz3 if want_dz else None), s1, s2
