@@ -6,10 +6,10 @@ Change one line::
 
 or build with :class:`BatchNorm1d` / :class:`BatchNorm2d` / :class:`BatchNorm3d` (subclasses of
 PyTorch's, same constructor). Needs the ``torch`` extra; the GPU kernels need ``triton``, and
-this package imports without it. Dispatch rules: :mod:`batchnorm.torch.function`.
+this package imports without it. Dispatch rules: :mod:`batchnorm.torch.routing`.
 """
 
-from batchnorm.torch.function import BatchNormFunction, batch_norm, route
+from batchnorm.torch.function import BatchNormFunction, batch_norm
 from batchnorm.torch.modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -17,6 +17,7 @@ from batchnorm.torch.modules import (
     convert_model,
     revert_model,
 )
+from batchnorm.torch.routing import route
 from batchnorm.torch.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [

@@ -72,16 +72,17 @@ def _contenders(case: Case, dtype: Any, backend: str) -> tuple[list[Contender], 
             with torch.no_grad():
                 return m(x)
 
-        out.append(Contender(
-            name, {"forward": forward, "forward_backward": forward_backward, "eval": evaluate}
-        ))
+        out.append(
+            Contender(
+                name, {"forward": forward, "forward_backward": forward_backward, "eval": evaluate}
+            )
+        )
     src, dst = x.detach(), torch.empty_like(x)
     out.append(Contender("copy", {"forward": lambda: dst.copy_(src)}))
     return out, bt.route(x)
 
 
-def time_case(case: Case, dtype: Any, backend: str, repeats: int, budget: float
-              ) -> dict[str, Any]:
+def time_case(case: Case, dtype: Any, backend: str, repeats: int, budget: float) -> dict[str, Any]:
     """Medians in ms per contender and op, after warm-up, alternating contenders."""
     contenders, route = _contenders(case, dtype, backend)
     first: dict[str, float] = {}
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from batchnorm import kernels as backends
-    from batchnorm.torch import function
+    from batchnorm.torch import routing
 
     cases = [_parse_case(c) for c in (getattr(args, "cases", None) or DEFAULT_CASES)]
     dtype_name = getattr(args, "dtype", None) or "float32"
@@ -143,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results, threads, dtype_name))
     print(
         f"our CPU backend: {backend}; torch {torch.__version__}; route 'torch': the input is "
-        f"below batchnorm.torch.function.MIN_NUMEL ({function.MIN_NUMEL}) and runs PyTorch's kernel"
+        "below the crossover of batchnorm.torch.routing.CPU_MIN_NUMEL "
+        f"({routing.min_numel(False, threads)} at {threads} threads) and runs PyTorch's kernel"
     )
     path = getattr(args, "json", None)
     if path:

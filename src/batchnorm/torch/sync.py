@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.functional import NonFiniteBatchError
-from batchnorm.math import merge_all, running_stats
+from batchnorm.math import grad_coefficients, merge_all, running_stats
 from batchnorm.torch.modules import batch_norm_arguments
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -124,12 +124,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_bias = sum_dy.to(weight.dtype if weight is not None else dy.dtype)
         both = torch.cat((sum_dy, sum_dy_xmu))
         dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.group)  # the backward's one
-        m = max(ctx.total, 1.0)
-        g_dy, g_dy_xmu = both[:channels] / m, both[channels:] / m
-        a = invstd if weight is None else invstd * weight.to(acc)
-        dx = a.view(shape) * (
-            dya - g_dy.view(shape) - xmu * (invstd * invstd * g_dy_xmu).view(shape)
-        )
+        w = torch.ones_like(invstd) if weight is None else weight.to(acc)
+        a, b, c = grad_coefficients(w, invstd, both[:channels], both[channels:], max(ctx.total, 1))
+        dx = a.view(shape) * dya + b.view(shape) * xmu + c.view(shape)
         return dx.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -196,11 +193,23 @@ class SyncBatchNorm(_BatchNorm):
         )
         if not need_sync:
             return TF.batch_norm(
-                input, running_mean, running_var, self.weight, self.bias,
-                bn_training, factor, self.eps,
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                bn_training,
+                factor,
+                self.eps,
             )
         out: torch.Tensor = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
+            input,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            self.eps,
+            factor,
             self.process_group,
         )
         return out
@@ -223,9 +232,7 @@ def _is_batchnorm(module: torch.nn.Module) -> bool:
         return True
     # batch-norm modules that do not derive from torch's _BatchNorm (e.g. batchnorm.torch's)
     names = ("num_features", "eps", "momentum", "affine", "track_running_stats", "running_mean")
-    return bool(_BN_NAME.search(type(module).__name__)) and all(
-        hasattr(module, n) for n in names
-    )
+    return bool(_BN_NAME.search(type(module).__name__)) and all(hasattr(module, n) for n in names)
 
 
 def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
@@ -238,7 +245,11 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None) -
     if _is_batchnorm(module):
         bn: Any = module
         sync = SyncBatchNorm(
-            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
             process_group,
         )
         if bn.affine:
