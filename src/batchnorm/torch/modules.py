@@ -67,6 +67,10 @@ class _Ours(_BatchNorm):
             self.eps, backend=self.backend,
         )  # fmt: skip
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles PyTorch's own module, sharing this one's state."""
+        return _swap(self, _TO_TORCH)
+
 
 class BatchNorm1d(_Ours, nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on batchnorm's kernels; same constructor and semantics."""
