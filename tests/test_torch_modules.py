@@ -168,6 +168,86 @@ def test_double_backward_matches_torch() -> None:
         _close(a, b, torch.float64)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_double_backward_against_finite_differences_of_our_first_order_grads(training) -> None:
+    """The oracle is independent of the double-backward path (PyTorch's differentiable ops):
+    central differences of <dx, v> and <dw, u>, each computed by our first-order kernels."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen) * 2 + 1
+    w = torch.rand(3, dtype=torch.float64, generator=gen) + 0.5
+    b = torch.randn(3, dtype=torch.float64, generator=gen)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+    v = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+    u = torch.randn(3, dtype=torch.float64, generator=gen)
+    assert bt.route(x, w, b) == "cpu"
+
+    def first_order(x, w, create_graph):
+        y = bt.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+        gx, gw = torch.autograd.grad(y, (x, w), dy, create_graph=create_graph)
+        return (gx * v).sum() + (gw * u).sum()
+
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    hx, hw = torch.autograd.grad(first_order(xg, wg, True), (xg, wg))
+    h = 1e-6
+    for param, got in ((x, hx), (w, hw)):
+        want = torch.empty_like(param)
+        for i in range(param.numel()):
+            values = []
+            for step in (h, -h):
+                xs, ws = x.clone(), w.clone()
+                (xs if param is x else ws).view(-1)[i] += step
+                with torch.enable_grad():
+                    values.append(
+                        first_order(xs.requires_grad_(), ws.requires_grad_(), False).item()
+                    )
+            want.view(-1)[i] = (values[0] - values[1]) / (2 * h)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_saved_tensor_hooks_see_and_replace_the_input() -> None:
+    """Everything backward reads goes through save_for_backward: hooks that offload the saved
+    tensors (here a copy) are honoured, so changing x's memory after forward changes nothing."""
+    native, ours = _pair(2, torch.float32)
+    x = torch.randn(6, 5, 4, 3) * 2 + 1
+    packed: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t)
+        return t.clone()
+
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = native(xa)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yb = ours(xb)
+    assert any(t is xb for t in packed)
+    xb.data.zero_()  # behind autograd's back: only the packed copy still holds x
+    dy = torch.randn(x.shape)
+    ya.backward(dy)
+    yb.backward(dy)
+    _close(xa.grad, xb.grad, torch.float32)
+    _close(native.weight.grad, ours.weight.grad, torch.float32)
+
+
+def test_dx_is_not_computed_when_the_input_needs_no_grad(monkeypatch) -> None:
+    from batchnorm import functional
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("dx computed")
+
+    native, ours = _pair(2, torch.float32)
+    x = torch.randn(6, 5, 4, 3) + 1
+    assert bt.route(x, ours.weight) == "cpu"
+    monkeypatch.setattr(functional, "batch_norm_backward", refuse)
+    dy = torch.randn(x.shape)
+    native(x).backward(dy)
+    ours(x).backward(dy)
+    _close(native.weight.grad, ours.weight.grad, torch.float32)
+    _close(native.bias.grad, ours.bias.grad, torch.float32)
+    with pytest.raises(AssertionError, match="dx computed"):  # the patch does bite
+        ours(x.clone().requires_grad_()).backward(dy)
+
+
 def test_expanded_and_strided_grad_outputs() -> None:
     native, ours = _pair(2, torch.float32)
     x = _channels_last(torch.randn(6, 5, 4, 3))
