@@ -167,9 +167,9 @@ def torch_equality(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     counted = {"all_gather": 0, "all_reduce": 0}
     gather, reduce_ = S._all_gather, dist.all_reduce
 
-    def counting_gather(buf: Any, group: Any) -> Any:
+    def counting_gather(*args: Any) -> Any:
         counted["all_gather"] += 1
-        return gather(buf, group)
+        return gather(*args)
 
     def counting_reduce(*args: Any, **kwargs: Any) -> Any:
         counted["all_reduce"] += 1

@@ -38,6 +38,15 @@ def merge_reports(per_rank: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return merged
 
 
+def calls_per_step(case: str) -> dict[str, float]:
+    """The NumPy SyncBatchNorm's collectives per training step: forward, an all-gather of the
+    4-value agreement header and one of the statistics; backward, one all-reduce. A group of
+    one ("P1/...") is plain batch norm: none."""
+    if case.startswith("P1/"):
+        return {"allgather": 0.0, "allreduce_sum": 0.0}
+    return {"allgather": 2.0, "allreduce_sum": 1.0}
+
+
 def check_equality(case: str, figures: dict[str, Any]) -> None:
     tol = TOL[case.rsplit("/", 1)[1]]
     for name in COMPARED:
