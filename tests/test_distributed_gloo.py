@@ -15,9 +15,16 @@ if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 from distributed_util import (  # noqa: E402
+    SCENARIOS,
+    check_equality,
+    check_misuse,
+    merge_reports,
+    misuse,
+    run_cases,
+)
+from distributed_util import (  # noqa: E402
     calls_per_step as _calls,
 )
-from distributed_util import check_equality, merge_reports, run_cases  # noqa: E402
 
 SIZES = [1, 2, 3, 4]
 _cache: dict[str, dict[str, dict[str, Any]]] = {}
@@ -32,9 +39,12 @@ def _results(module: str) -> dict[str, dict[str, Any]]:
 
 
 def _expected() -> set[str]:
-    return {f"P{p}/{split}/{dt}" for p in SIZES
-            for split in (["whole"] if p == 1 else ["uneven", "empty"])
-            for dt in ("float64", "float32")}
+    return {
+        f"P{p}/{split}/{dt}"
+        for p in SIZES
+        for split in (["whole"] if p == 1 else ["uneven", "empty"])
+        for dt in ("float64", "float32")
+    }
 
 
 def test_gloo_numpy_sync_batchnorm_equals_one_process() -> None:
@@ -60,3 +70,9 @@ def test_gloo_failing_process_fails_the_launch() -> None:
 
     with pytest.raises(LaunchError, match="deliberate failure on rank 1"):
         run_cases(2, "fail", {}, "gloo", timeout=60)
+
+
+@pytest.mark.parametrize("module", ["numpy", "torch"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_gloo_ranks_that_disagree_or_fail_all_get_a_clear_error(module: str, scenario: str) -> None:
+    check_misuse(scenario, misuse("gloo", module, scenario))

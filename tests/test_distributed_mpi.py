@@ -13,7 +13,13 @@ from batchnorm.distributed.launch import LaunchError, find_mpiexec  # noqa: E402
 from distributed_util import (  # noqa: E402
     calls_per_step as _calls,
 )
-from distributed_util import check_equality, merge_reports, run_cases  # noqa: E402
+from distributed_util import (  # noqa: E402
+    check_equality,
+    check_misuse,
+    merge_reports,
+    misuse,
+    run_cases,
+)
 
 try:
     find_mpiexec()
@@ -34,13 +40,30 @@ def _results(n: int) -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("n", sorted(LAUNCHES))
 def test_mpi_sync_batchnorm_equals_one_process(n: int) -> None:
     results = _results(n)
-    expected = {f"P{p}/{split}/{dt}" for p in LAUNCHES[n] for split in
-                (["whole"] if p == 1 else ["uneven", "empty"]) for dt in ("float64", "float32")}
+    expected = {
+        f"P{p}/{split}/{dt}"
+        for p in LAUNCHES[n]
+        for split in (["whole"] if p == 1 else ["uneven", "empty"])
+        for dt in ("float64", "float32")
+    }
     assert set(results) == expected
     for case, figures in results.items():
         check_equality(case, figures)
         assert figures["calls_per_step"] == _calls(case), case
         assert figures["raw_vs_adapter"] == 0.0, case
+
+
+def test_mpi_sync_batchnorm_on_the_numba_kernels() -> None:
+    """The same equality with the Numba kernels in every process (compiled in each)."""
+    pytest.importorskip("numba")
+    results = merge_reports(
+        run_cases(2, "numpy_equality", {"sizes": [2]}, "mpi", backend="numba", timeout=300)
+    )
+    assert set(results) == {f"P2/{s}/{dt}" for s in ("uneven", "empty")
+                            for dt in ("float64", "float32")}  # fmt: skip
+    for case, figures in results.items():
+        check_equality(case, figures)
+        assert figures["backend"] == "numba", case
 
 
 def test_mpi_hung_collective_times_out_with_a_clear_error() -> None:
@@ -64,16 +87,19 @@ def test_sync_experiment_matches_one_process() -> None:
     except (ImportError, FileNotFoundError) as exc:  # pragma: no cover - experiments extra
         pytest.skip(str(exc))
 
-    config = sync.Config(world_size=2, batch_per_process=3, steps=12, eval_every=6,
-                         hidden=(16, 16), timeout=120)
+    config = sync.Config(
+        world_size=2, batch_per_process=3, steps=12, eval_every=6, hidden=(16, 16), timeout=120
+    )
     results = sync.run(config)
     assert results.completed and results.steps == [0, 6, 12]
     for arm in sync.ARMS:
         assert len(results.accuracy[arm]) == 3
     # SyncBN over 2 x 3 examples trains exactly like one process with batch 6
     assert results.max_param_diff_sync_vs_single < 1e-5
-    gap = max(abs(a - b) for a, b in zip(results.accuracy["sync"], results.accuracy["single"],
-                                         strict=True))
+    gap = max(
+        abs(a - b)
+        for a, b in zip(results.accuracy["sync"], results.accuracy["single"], strict=True)
+    )
     assert gap <= 0.002  # float32 rounding may flip a test digit or two, no more
     # 2 BN layers x (agreement + statistics all-gathers, gradient all-reduce)
     assert results.collective["syncbn_calls_per_step"] == 2 * 3
@@ -92,3 +118,16 @@ def test_sync_bench_counts_one_collective_per_forward_and_backward() -> None:
     for r in rows:
         assert r["step_sync_ms"] > 0 and r["syncbn_collectives_ms"] >= 0
     assert "SyncBN collectives" in bench._table(rows, "title")
+
+
+@pytest.mark.parametrize("scenario", ["channels", "bad_input", "eval"])
+def test_mpi_ranks_that_disagree_or_stall_all_get_a_clear_error(scenario: str) -> None:
+    check_misuse(scenario, misuse("mpi", "numpy", scenario))
+
+
+def test_mpi_rank_that_dies_ends_the_job_at_once() -> None:
+    """MPI has no way to tell the survivors: mpiexec ends the whole job (no hang)."""
+    start = time.monotonic()
+    with pytest.raises(LaunchError):
+        misuse("mpi", "numpy", "dies")
+    assert time.monotonic() - start < 30

@@ -102,13 +102,16 @@ class MPIComm:
         self.timeout = float(timeout)
 
     def _wait(self, request: Any, what: str, size: int) -> None:
-        deadline = time.monotonic() + self.timeout
-        pause = 1e-6
-        while not request.Test():
-            if time.monotonic() > deadline:
+        start = time.monotonic()
+        spin_until, deadline = start + 2e-3, start + self.timeout
+        pause = 5e-5
+        while not request.Test():  # spin first, as a blocking MPI call does; long waits idle
+            now = time.monotonic()
+            if now > deadline:
                 raise _timed_out(what, size, self.timeout, self.rank, self.size)
-            time.sleep(pause)
-            pause = min(2 * pause, 1e-3)  # quick collectives stay quick; long waits idle
+            if now > spin_until:
+                time.sleep(pause)
+                pause = min(2 * pause, 1e-3)
 
     @property
     def rank(self) -> int:
