@@ -284,6 +284,13 @@ def _input(module: str, shape: tuple[int, ...]) -> Any:
     return torch.from_numpy(x)
 
 
+def _report(ctx: Context, report: dict[str, Any]) -> None:
+    """This rank's result, as the launcher reads it, written atomically."""
+    tmp = ctx.workdir / f"rank{ctx.rank}.tmp"
+    tmp.write_text(json.dumps(report))
+    tmp.replace(ctx.workdir / f"rank{ctx.rank}.json")
+
+
 def misuse(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     """Ranks that disagree or fail: each rank reports the error it raised and when.
 
@@ -303,7 +310,7 @@ def misuse(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     if ctx.rank == 1 and scenario == "eval":
         layer.eval()
     if ctx.rank == 1 and scenario == "dies":
-        (ctx.workdir / f"rank{ctx.rank}.json").write_text(json.dumps({"died": True}))
+        _report(ctx, {"died": True})
         os._exit(0)
     start = time.monotonic()
     try:
@@ -311,8 +318,14 @@ def misuse(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - the report is the error
         report["error"] = f"{type(exc).__name__}: {exc}"
     report["seconds"] = time.monotonic() - start
-    (ctx.workdir / f"rank{ctx.rank}.json").write_text(json.dumps(report))
+    _report(ctx, report)
     if ctx.rank == 1 and scenario == "eval":  # alive and idle while rank 0 waits
         time.sleep(timeout + 3)
+    # leave once every rank has reported (under MPI the first to exit ends the job)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+        (ctx.workdir / f"rank{r}.json").exists() for r in range(ctx.size)
+    ):
+        time.sleep(0.05)
     sys.stdout.flush()
     os._exit(0)
