@@ -275,7 +275,41 @@ def test_routes() -> None:
 def test_small_inputs_go_to_torch_by_default(monkeypatch) -> None:
     monkeypatch.setattr(routing, "MIN_NUMEL", None)  # the measured table
     assert bt.route(torch.randn(60, 100)) == "torch"
-    assert bt.route(torch.randn(32, 1024)) == "cpu"
+    for channels_last in (False, True):
+        crossover = routing.min_numel(channels_last, torch.get_num_threads())
+        x = torch.randn(crossover // 256, 64, 2, 2)
+        if channels_last:
+            x = _channels_last(x)
+        assert bt.route(x) == "cpu"
+        assert bt.route(x[:-1]) == "torch"
+    assert routing.min_numel(False, 64) == routing.CPU_MIN_NUMEL[(False, 2)]
+
+
+def test_numba_kernels_run_with_torchs_thread_count(monkeypatch) -> None:
+    numba = pytest.importorskip("numba")
+    from batchnorm import functional
+
+    seen = []
+    forward, backward = functional.batch_norm_forward, functional.batch_norm_backward
+
+    def spy_forward(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return forward(*args, **kwargs)
+
+    def spy_backward(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "batch_norm_forward", spy_forward)
+    monkeypatch.setattr(functional, "batch_norm_backward", spy_backward)
+    layer = bt.BatchNorm2d(3)
+    layer.backend = "numba"
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        layer(torch.randn(4, 3, 5, 5, requires_grad=True)).sum().backward()
+        want = min(threads, numba.config.NUMBA_NUM_THREADS)
+        assert seen[-2:] == [want, want]
 
 
 def test_fallbacks_still_match_torch() -> None:

@@ -16,8 +16,6 @@ ops from the saved input and statistics.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,24 +29,15 @@ from batchnorm.torch.routing import route
 __all__ = ["BatchNormFunction", "batch_norm"]
 
 
-@contextlib.contextmanager
-def _threads(backend: str) -> Iterator[None]:
-    """Run the numba kernels with PyTorch's thread count (never oversubscribe the cores)."""
-    if backend != "numba":
-        yield
-        return
-    import numba
+def _use_torch_threads(backend: str) -> None:
+    """Run the numba kernels with PyTorch's thread count (never oversubscribe the cores):
+    numba's count is per calling thread, and is left so (restoring it cost 7 us a call)."""
+    if backend == "numba":
+        import numba
 
-    before = numba.get_num_threads()
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
-    if want == before:
-        yield
-        return
-    numba.set_num_threads(want)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
+        want = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+        if numba.get_num_threads() != want:
+            numba.set_num_threads(max(1, want))
 
 
 def _view(t: torch.Tensor, channels_last: bool | None) -> torch.Tensor:
@@ -77,11 +66,11 @@ def _forward(
     """``(kind, y, mean, rstd)``: the per-channel statistics y was normalized with."""
     if kind == "cpu":
         try:
-            with _threads(backend):
-                y_np, cache = functional.batch_norm_forward(
-                    _np(x), _np(weight), _np(bias), _np(running_mean), _np(running_var),
-                    training=training, momentum=momentum, eps=eps, axis=1, backend=backend,
-                )  # fmt: skip
+            _use_torch_threads(backend)
+            y_np, cache = functional.batch_norm_forward(
+                _np(x), _np(weight), _np(bias), _np(running_mean), _np(running_var),
+                training=training, momentum=momentum, eps=eps, axis=1, backend=backend,
+            )  # fmt: skip
         except functional.NonFiniteBatchError:
             kind = "native"  # PyTorch's semantics: let NaN/inf through
         else:
@@ -157,8 +146,8 @@ def _backward(
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     if kind == "cpu":
-        with _threads(backend):
-            return _cpu_backward(dy, x, weight, mean, rstd, training, backend, needs)  # type: ignore[no-any-return]
+        _use_torch_threads(backend)
+        return _cpu_backward(dy, x, weight, mean, rstd, training, backend, needs)  # type: ignore[no-any-return]
     if kind == "triton":
         from batchnorm.kernels import triton as tk
 

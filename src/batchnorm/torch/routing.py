@@ -34,12 +34,13 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_ON_CPU = False
 # Below the crossover PyTorch's CPU kernel is faster: the Python around ours (validation, NumPy
 # views, the autograd Function) costs more than the pass. Elements of x, by (channels_last,
-# threads); threads beyond the table use its largest entry.
+# threads), for a float32 training step (forward + backward) with 64 channels, measured by
+# benchmarks/crossover.py (results/crossover.json); more threads use the largest entry.
 CPU_MIN_NUMEL: dict[tuple[bool, int], int] = {
-    (False, 1): 1 << 15,
-    (True, 1): 1 << 15,
-    (False, 2): 1 << 15,
-    (True, 2): 1 << 15,
+    (False, 1): 524_288,
+    (True, 1): 2_097_152,
+    (False, 2): 1_048_576,
+    (True, 2): 1_048_576,
 }
 # Tests set this to take every CPU size (None: the table above).
 MIN_NUMEL: int | None = None
@@ -57,6 +58,9 @@ def triton_available() -> bool:
         else:
             _triton_ok = True
     return _triton_ok
+
+
+_threads = torch.get_num_threads
 
 
 def min_numel(channels_last: bool, threads: int) -> int:
@@ -88,26 +92,35 @@ def route(
 ) -> str:
     """Which implementation takes these tensors: ``"cpu"``, ``"triton"`` or ``"torch"``."""
     given = [t for t in (weight, bias, running_mean, running_var) if t is not None]
-    if traced(x, *given):
+    if traced(x, *given) or x.dim() < 2 or x.layout != torch.strided:
         return "torch"
-    if x.dim() < 2 or x.layout != torch.strided or x.numel() == 0:
-        return "torch"
+    if x.is_cpu and not TRITON_ON_CPU:  # the common case, in few tensor calls (each ~1 us)
+        return _cpu(x, given)
     channels_last = tensor_channels_last(x)
-    if channels_last is None:
+    if channels_last is None or x.numel() == 0:
         return "torch"
     channels = x.shape[1]
     for t in given:
         if t.device != x.device or t.shape != (channels,) or t.stride() != (1,):
             return "torch"
-    on_cpu = x.device.type == "cpu"
-    if on_cpu and not (TRITON_ON_CPU and x.dtype in GPU_DTYPES):
-        if x.dtype not in CPU_DTYPES or any(t.dtype != x.dtype for t in given):
-            return "torch"
-        if x.numel() < min_numel(channels_last, torch.get_num_threads()):
-            return "torch"
-        return "cpu"
-    if (not on_cpu and x.device.type != "cuda") or x.dtype not in GPU_DTYPES:
+    if x.is_cpu and x.dtype not in GPU_DTYPES:  # TRITON_ON_CPU, a dtype Triton does not take
+        return _cpu(x, given)
+    if (not x.is_cpu and x.device.type != "cuda") or x.dtype not in GPU_DTYPES:
         return "torch"
     if any(t.dtype not in (x.dtype, torch.float32) for t in given) or x.numel() >= 2**31:
         return "torch"
     return "triton" if triton_available() else "torch"
+
+
+def _cpu(x: torch.Tensor, given: list[torch.Tensor]) -> str:
+    dtype = x.dtype
+    if dtype not in CPU_DTYPES:
+        return "torch"
+    channels_last = tensor_channels_last(x)
+    if channels_last is None or x.numel() < max(1, min_numel(channels_last, _threads())):
+        return "torch"
+    channels = x.shape[1]
+    for t in given:
+        if t.dtype != dtype or not t.is_cpu or t.shape != (channels,) or t.stride() != (1,):
+            return "torch"
+    return "cpu"
