@@ -7,7 +7,7 @@ forced onto our kernels, alternated, medians after warm-up, in the default envir
 The crossover is the smallest size from which ours is faster at that size and every larger
 one measured. ``batchnorm.torch.routing.CPU_MIN_NUMEL`` holds these numbers.
 
-    .venv/bin/python benchmarks/crossover.py [--threads 1 2] [--json benchmarks/results/crossover.json]
+    .venv/bin/python benchmarks/crossover.py --json benchmarks/results/crossover.json
 """
 
 from __future__ import annotations
@@ -81,8 +81,10 @@ def main() -> None:
                 rows.append({"threads": threads, "channels_last": channels_last, "numel": numel,
                              "torch_us": us["torch"], "ours_us": us["ours"]})  # fmt: skip
                 layout = "channels_last" if channels_last else "contiguous"
-                print(f"threads {threads} {layout:<13} {numel:>8} elements  torch "
-                      f"{us['torch']:>8.1f} us  ours {us['ours']:>8.1f} us  {ratio:5.2f}x")  # fmt: skip
+                print(
+                    f"threads {threads} {layout:<13} {numel:>8} elements  torch "
+                    f"{us['torch']:>8.1f} us  ours {us['ours']:>8.1f} us  {ratio:5.2f}x"
+                )
             faster = [i for i in range(len(ratios)) if all(r > 1 for _, r in ratios[i:])]
             crossover = ratios[faster[0]][0] if faster else None
             crossovers[f"{channels_last},{threads}"] = crossover
