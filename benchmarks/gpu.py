@@ -111,9 +111,9 @@ def main() -> int:
     args = parser.parse_args()
     shapes, device = SHAPES, "cuda"
     if args.smoke:
-        from batchnorm.torch import function
+        from batchnorm.torch import routing
 
-        function.TRITON_ON_CPU = True
+        routing.TRITON_ON_CPU = True
         shapes, device, args.repeats = [(4, 3, 5, 7), (6, 9, 2, 3)], "cpu", 2
         print("smoke run on CPU: checks only, the timings mean nothing")
     elif not torch.cuda.is_available():

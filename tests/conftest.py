@@ -36,9 +36,9 @@ def torch_on_our_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Our kernels for small inputs too (MIN_NUMEL = 0), and one torch thread (on a shared
     2-core machine, OpenMP's spinning threads cost seconds)."""
     torch = pytest.importorskip("torch")
-    from batchnorm.torch import function
+    from batchnorm.torch import routing
 
-    monkeypatch.setattr(function, "MIN_NUMEL", 0)
+    monkeypatch.setattr(routing, "MIN_NUMEL", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

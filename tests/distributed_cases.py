@@ -9,11 +9,14 @@ tests assert on it.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from typing import Any
 
 import numpy as np
 
+from batchnorm import kernels
 from batchnorm.distributed import SyncBatchNorm, TimedComm, as_communicator
 from batchnorm.distributed.launch import Context
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -154,6 +157,7 @@ def _numpy_case(comm: Any, raw: Any, lo: int, hi: int, dtype: np.dtype) -> dict[
             report[f"{name}_elements_per_call"] = timed.stats[name].elements // max(
                 1, timed.stats[name].calls)
     report["calls_per_step"] = {k: v / (len(SHAPES) * STEPS) for k, v in calls.items()}
+    report["backend"] = kernels.resolve("auto")
     return report
 
 
@@ -167,9 +171,9 @@ def torch_equality(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     counted = {"all_gather": 0, "all_reduce": 0}
     gather, reduce_ = S._all_gather, dist.all_reduce
 
-    def counting_gather(buf: Any, group: Any) -> Any:
+    def counting_gather(*args: Any) -> Any:
         counted["all_gather"] += 1
-        return gather(buf, group)
+        return gather(*args)
 
     def counting_reduce(*args: Any, **kwargs: Any) -> Any:
         counted["all_reduce"] += 1
@@ -261,3 +265,67 @@ def fail(ctx: Context, payload: dict[str, Any]) -> None:
         raise RuntimeError("deliberate failure on rank 1")
     SyncBatchNorm(3, process_group=ctx.comm)(np.ones((4, 3), np.float32))
 
+
+
+def _layer(module: str, ctx: Context, features: int, timeout: float) -> Any:
+    if module == "numpy":
+        return SyncBatchNorm(features, process_group=ctx.raw, timeout=timeout)
+    import batchnorm.torch as bt
+
+    return bt.SyncBatchNorm(features, timeout=timeout)
+
+
+def _input(module: str, shape: tuple[int, ...]) -> Any:
+    x = np.random.default_rng(sum(shape)).normal(size=shape).astype(np.float32)
+    if module == "numpy":
+        return x
+    import torch
+
+    return torch.from_numpy(x)
+
+
+def _report(ctx: Context, report: dict[str, Any]) -> None:
+    """This rank's result, as the launcher reads it, written atomically."""
+    tmp = ctx.workdir / f"rank{ctx.rank}.tmp"
+    tmp.write_text(json.dumps(report))
+    tmp.replace(ctx.workdir / f"rank{ctx.rank}.json")
+
+
+def misuse(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    """Ranks that disagree or fail: each rank reports the error it raised and when.
+
+    ``scenario``: "channels" (rank 1's layer has 6 features, rank 0's 4), "bad_input"
+    (rank 1's input has 3 channels), "eval" (rank 1 is in eval mode: it makes no
+    collective), "dies" (rank 1 exits before its first collective). The result is written
+    here and the process leaves at once: a rank left waiting in a collective (or a dead peer)
+    must not hold up the launch's own shutdown.
+    """
+    import os
+
+    scenario, module, timeout = payload["scenario"], payload["module"], payload["timeout"]
+    features = 6 if scenario == "channels" and ctx.rank == 1 else 4
+    channels = 3 if scenario == "bad_input" and ctx.rank == 1 else features
+    layer = _layer(module, ctx, features, timeout)
+    report: dict[str, Any] = {"error": None}
+    if ctx.rank == 1 and scenario == "eval":
+        layer.eval()
+    if ctx.rank == 1 and scenario == "dies":
+        _report(ctx, {"died": True})
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        layer(_input(module, (5, channels, 3)))
+    except Exception as exc:  # noqa: BLE001 - the report is the error
+        report["error"] = f"{type(exc).__name__}: {exc}"
+    report["seconds"] = time.monotonic() - start
+    _report(ctx, report)
+    if ctx.rank == 1 and scenario == "eval":  # alive and idle while rank 0 waits
+        time.sleep(timeout + 3)
+    # leave once every rank has reported (under MPI the first to exit ends the job)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+        (ctx.workdir / f"rank{r}.json").exists() for r in range(ctx.size)
+    ):
+        time.sleep(0.05)
+    sys.stdout.flush()
+    os._exit(0)

@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 from torch.autograd import gradcheck, gradgradcheck  # noqa: E402
 
 import batchnorm.torch as bt  # noqa: E402
-from batchnorm.torch import function  # noqa: E402
+from batchnorm.torch import routing  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_on_our_kernels")
 
@@ -168,6 +168,86 @@ def test_double_backward_matches_torch() -> None:
         _close(a, b, torch.float64)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_double_backward_against_finite_differences_of_our_first_order_grads(training) -> None:
+    """The oracle is independent of the double-backward path (PyTorch's differentiable ops):
+    central differences of <dx, v> and <dw, u>, each computed by our first-order kernels."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen) * 2 + 1
+    w = torch.rand(3, dtype=torch.float64, generator=gen) + 0.5
+    b = torch.randn(3, dtype=torch.float64, generator=gen)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+    v = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+    u = torch.randn(3, dtype=torch.float64, generator=gen)
+    assert bt.route(x, w, b) == "cpu"
+
+    def first_order(x, w, create_graph):
+        y = bt.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+        gx, gw = torch.autograd.grad(y, (x, w), dy, create_graph=create_graph)
+        return (gx * v).sum() + (gw * u).sum()
+
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    hx, hw = torch.autograd.grad(first_order(xg, wg, True), (xg, wg))
+    h = 1e-6
+    for param, got in ((x, hx), (w, hw)):
+        want = torch.empty_like(param)
+        for i in range(param.numel()):
+            values = []
+            for step in (h, -h):
+                xs, ws = x.clone(), w.clone()
+                (xs if param is x else ws).view(-1)[i] += step
+                with torch.enable_grad():
+                    values.append(
+                        first_order(xs.requires_grad_(), ws.requires_grad_(), False).item()
+                    )
+            want.view(-1)[i] = (values[0] - values[1]) / (2 * h)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_saved_tensor_hooks_see_and_replace_the_input() -> None:
+    """Everything backward reads goes through save_for_backward: hooks that offload the saved
+    tensors (here a copy) are honoured, so changing x's memory after forward changes nothing."""
+    native, ours = _pair(2, torch.float32)
+    x = torch.randn(6, 5, 4, 3) * 2 + 1
+    packed: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t)
+        return t.clone()
+
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = native(xa)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yb = ours(xb)
+    assert any(t is xb for t in packed)
+    xb.data.zero_()  # behind autograd's back: only the packed copy still holds x
+    dy = torch.randn(x.shape)
+    ya.backward(dy)
+    yb.backward(dy)
+    _close(xa.grad, xb.grad, torch.float32)
+    _close(native.weight.grad, ours.weight.grad, torch.float32)
+
+
+def test_dx_is_not_computed_when_the_input_needs_no_grad(monkeypatch) -> None:
+    from batchnorm import functional
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("dx computed")
+
+    native, ours = _pair(2, torch.float32)
+    x = torch.randn(6, 5, 4, 3) + 1
+    assert bt.route(x, ours.weight) == "cpu"
+    monkeypatch.setattr(functional, "batch_norm_backward", refuse)
+    dy = torch.randn(x.shape)
+    native(x).backward(dy)
+    ours(x).backward(dy)
+    _close(native.weight.grad, ours.weight.grad, torch.float32)
+    _close(native.bias.grad, ours.bias.grad, torch.float32)
+    with pytest.raises(AssertionError, match="dx computed"):  # the patch does bite
+        ours(x.clone().requires_grad_()).backward(dy)
+
+
 def test_expanded_and_strided_grad_outputs() -> None:
     native, ours = _pair(2, torch.float32)
     x = _channels_last(torch.randn(6, 5, 4, 3))
@@ -193,9 +273,43 @@ def test_routes() -> None:
 
 
 def test_small_inputs_go_to_torch_by_default(monkeypatch) -> None:
-    monkeypatch.setattr(function, "MIN_NUMEL", 1 << 15)
+    monkeypatch.setattr(routing, "MIN_NUMEL", None)  # the measured table
     assert bt.route(torch.randn(60, 100)) == "torch"
-    assert bt.route(torch.randn(32, 1024)) == "cpu"
+    for channels_last in (False, True):
+        crossover = routing.min_numel(channels_last, torch.get_num_threads())
+        x = torch.randn(crossover // 256, 64, 2, 2)
+        if channels_last:
+            x = _channels_last(x)
+        assert bt.route(x) == "cpu"
+        assert bt.route(x[:-1]) == "torch"
+    assert routing.min_numel(False, 64) == routing.CPU_MIN_NUMEL[(False, 2)]
+
+
+def test_numba_kernels_run_with_torchs_thread_count(monkeypatch) -> None:
+    numba = pytest.importorskip("numba")
+    from batchnorm import functional
+
+    seen = []
+    forward, backward = functional.batch_norm_forward, functional.batch_norm_backward
+
+    def spy_forward(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return forward(*args, **kwargs)
+
+    def spy_backward(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "batch_norm_forward", spy_forward)
+    monkeypatch.setattr(functional, "batch_norm_backward", spy_backward)
+    layer = bt.BatchNorm2d(3)
+    layer.backend = "numba"
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        layer(torch.randn(4, 3, 5, 5, requires_grad=True)).sum().backward()
+        want = min(threads, numba.config.NUMBA_NUM_THREADS)
+        assert seen[-2:] == [want, want]
 
 
 def test_fallbacks_still_match_torch() -> None:
@@ -322,9 +436,9 @@ def test_imports_without_triton_and_batchnorm_without_torch() -> None:
     no_triton = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, batchnorm.torch as bt\n"
-        "from batchnorm.torch import function\n"
-        "assert not function.triton_available()\n"
-        "function.MIN_NUMEL = 0; x = torch.randn(4, 3, 2, 2)\n"
+        "from batchnorm.torch import routing\n"
+        "assert not routing.triton_available()\n"
+        "routing.MIN_NUMEL = 0; x = torch.randn(4, 3, 2, 2)\n"
         "assert bt.route(x) == 'cpu'\n"
         "m = bt.BatchNorm2d(3); m(x).sum().backward()\n"
         "print('ok')\n"

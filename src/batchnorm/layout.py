@@ -2,13 +2,16 @@
 
 Channels are the middle axis. ``(N, C, H, W)`` is ``(N, C, H*W)``; an input whose channel axis
 is densest in memory (channels-last, ``axis=-1`` or a ``channels_last`` tensor) is
-``(N*H*W, C, 1)``; a 2-D ``(N, C)`` input is ``(N, C, 1)``. Kernels see only this view.
+``(N*H*W, C, 1)``; a 2-D ``(N, C)`` input is ``(N, C, 1)``. Kernels see only this view:
+NumPy arrays through :class:`Layout` (a C-contiguous array, copied when the strides are
+neither), torch tensors through :func:`tensor_view` (a strided view, never a copy).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,3 +56,59 @@ def view(x: np.ndarray, axis: int) -> Layout:
         raise ValueError(f"input of shape {x.shape} has no channels on axis {axis}")
     channels_last = not x.flags.c_contiguous and np.moveaxis(x, axis, -1).flags.c_contiguous
     return Layout(tuple(x.shape), axis, channels_last)
+
+
+# --- torch tensors: the same (outer, C, inner) picture as a strided view, never a copy ---------
+# Duck-typed (``shape``, ``stride()``, ``as_strided``): this module does not import torch.
+
+
+def tensor_channels_last(t: Any) -> bool | None:
+    """False for a contiguous (N, C, ...) tensor, True for channels-last (the channel axis
+    densest, the rest contiguous), None for any other strides (a view would need a copy)."""
+    if t.is_contiguous():
+        return False
+    if t.movedim(1, -1).is_contiguous():
+        return True
+    return None
+
+
+def _merged_stride(dims: list[tuple[int, int]]) -> int | None:
+    """The stride of ``dims`` ((size, stride) pairs, outer first) merged into one, or None."""
+    dims = [(n, st) for n, st in dims if n != 1]
+    for (_, outer_stride), (n, st) in zip(dims, dims[1:], strict=False):
+        if outer_stride != st * n:
+            return None
+    return dims[-1][1] if dims else 1
+
+
+def tensor_strides3d(t: Any, channels_last: bool) -> tuple[int, int, int] | None:
+    """Strides of ``t`` seen as (outer, C, inner), or None when that view needs a copy."""
+    sizes, strides = t.shape, t.stride()
+    spatial = list(zip(sizes[2:], strides[2:], strict=True))
+    if channels_last:  # outer = (N, spatial...), inner = ()
+        so = _merged_stride([(sizes[0], strides[0]), *spatial])
+        return None if so is None else (so, strides[1], 0)
+    si = _merged_stride(spatial)
+    return None if si is None else (strides[0], strides[1], si)
+
+
+def tensor_view(t: Any, channels_last: bool | None = None) -> Any | None:
+    """``t`` (N, C, ...) as an (outer, C, inner) view of the same memory, or None.
+
+    ``channels_last`` None: decided from ``t`` (:func:`tensor_channels_last`); given: the
+    layout to see ``t`` in (a gradient seen in its input's layout), None when ``t``'s strides
+    do not allow it.
+    """
+    if t.dim() < 2:
+        return None
+    if channels_last is None:
+        channels_last = tensor_channels_last(t)
+        if channels_last is None:
+            return None
+    strides = tensor_strides3d(t, channels_last)
+    if strides is None:
+        return None
+    inner = math.prod(t.shape[2:])
+    n, c = t.shape[0], t.shape[1]
+    sizes = (n * inner, c, 1) if channels_last else (n, c, inner)
+    return t.as_strided(sizes, strides)

@@ -7,7 +7,10 @@
 See docs/distributed.md. The PyTorch module is :class:`batchnorm.torch.SyncBatchNorm`.
 """
 
+from batchnorm.distributed.agree import DisagreementError
 from batchnorm.distributed.comm import (
+    DEFAULT_TIMEOUT,
+    CollectiveError,
     Communicator,
     MPIComm,
     SingleProcess,
@@ -19,8 +22,11 @@ from batchnorm.distributed.syncbn import CollectiveStats, SyncBatchNorm, convert
 from batchnorm.math import chan_merge, merge_all
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "CollectiveError",
     "CollectiveStats",
     "Communicator",
+    "DisagreementError",
     "MPIComm",
     "SingleProcess",
     "SyncBatchNorm",

@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "CollectiveError",
     "Communicator",
     "MPIComm",
     "SingleProcess",
@@ -26,6 +28,23 @@ __all__ = [
     "TorchComm",
     "as_communicator",
 ]
+
+
+# seconds a collective may take before every waiting rank gives up (configurable per adapter)
+DEFAULT_TIMEOUT = 300.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective did not complete: it timed out (a rank died, stalled, or is not calling
+    it, e.g. in eval mode) or the engine reported a failure."""
+
+
+def _timed_out(what: str, size: int, seconds: float, rank: int, world: int) -> CollectiveError:
+    return CollectiveError(
+        f"{what} of {size} float64 values did not complete within {seconds:g} s on rank "
+        f"{rank} of {world}: another rank died, stalled, or is not making this call (in eval "
+        "mode? a different number of layers or steps?)"
+    )
 
 
 @runtime_checkable
@@ -72,10 +91,27 @@ class SingleProcess:
 
 
 class MPIComm:
-    """Collectives over an mpi4py communicator (``MPI.COMM_WORLD`` or a sub-communicator)."""
+    """Collectives over an mpi4py communicator (``MPI.COMM_WORLD`` or a sub-communicator).
 
-    def __init__(self, comm: Any) -> None:
+    MPI has no timeouts: each collective is started non-blocking and polled until it
+    completes or ``timeout`` seconds pass (then :class:`CollectiveError`).
+    """
+
+    def __init__(self, comm: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.comm = comm
+        self.timeout = float(timeout)
+
+    def _wait(self, request: Any, what: str, size: int) -> None:
+        start = time.monotonic()
+        spin_until, deadline = start + 2e-3, start + self.timeout
+        pause = 5e-5
+        while not request.Test():  # spin first, as a blocking MPI call does; long waits idle
+            now = time.monotonic()
+            if now > deadline:
+                raise _timed_out(what, size, self.timeout, self.rank, self.size)
+            if now > spin_until:
+                time.sleep(pause)
+                pause = min(2 * pause, 1e-3)
 
     @property
     def rank(self) -> int:
@@ -88,7 +124,7 @@ class MPIComm:
     def allgather(self, buf: np.ndarray) -> np.ndarray:
         send = _buffer(buf)
         recv = np.empty((self.size, send.size), dtype=np.float64)
-        self.comm.Allgather(send, recv)
+        self._wait(self.comm.Iallgather(send, recv), "MPI all-gather", send.size)
         return recv
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
@@ -96,7 +132,7 @@ class MPIComm:
 
         send = _buffer(buf)
         recv = np.empty_like(send)
-        self.comm.Allreduce(send, recv, op=MPI.SUM)
+        self._wait(self.comm.Iallreduce(send, recv, op=MPI.SUM), "MPI all-reduce", send.size)
         return recv
 
     def __repr__(self) -> str:
@@ -110,9 +146,10 @@ class TorchComm:
     on the current CUDA device for NCCL groups.
     """
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         import torch.distributed as dist
 
+        self.timeout = float(timeout)
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "torch.distributed is not initialized: call "
@@ -140,20 +177,43 @@ class TorchComm:
         return torch.from_numpy(_buffer(buf).copy()).to(self._device)
 
     def allgather(self, buf: np.ndarray) -> np.ndarray:
-        import torch
-
         send = self._tensor(buf)
-        parts = [torch.empty_like(send) for _ in range(self.size)]
-        self._dist.all_gather(parts, send, group=self.group)
-        return torch.stack(parts).cpu().numpy()
+        out = send.new_empty(self.size * send.numel())
+        gather = getattr(self._dist, "all_gather_single", None) or self._dist.all_gather_into_tensor
+        work = gather(out, send, group=self.group, async_op=True)
+        wait(work, "torch.distributed all-gather", send.numel(), self.timeout, self.group)
+        return out.view(self.size, -1).cpu().numpy()
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         t = self._tensor(buf)
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group)
+        op = self._dist.ReduceOp.SUM
+        work = self._dist.all_reduce(t, op=op, group=self.group, async_op=True)
+        wait(work, "torch.distributed all-reduce", t.numel(), self.timeout, self.group)
         return t.cpu().numpy()
 
     def __repr__(self) -> str:
         return f"TorchComm(rank={self.rank}, size={self.size}, device={self._device!r})"
+
+
+def wait(work: Any, what: str, size: int, timeout: float, group: Any = None) -> None:
+    """Wait for a torch.distributed ``Work`` at most ``timeout`` seconds, else
+    :class:`CollectiveError` (also when the engine fails, e.g. a peer's socket closed)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    try:
+        done = work.wait(timeout=timedelta(seconds=timeout))
+    except RuntimeError as exc:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            raise _timed_out(what, size, timeout, rank, world) from exc
+        raise CollectiveError(
+            f"{what} of {size} values failed on rank {rank} of {world} (a rank died?): {exc}"
+        ) from exc
+    if done is False:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        raise _timed_out(what, size, timeout, rank, world)
 
 
 @dataclass
@@ -222,7 +282,7 @@ def _torch_default_group_ready() -> bool:
     return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
-def as_communicator(group: Any = None) -> Communicator:
+def as_communicator(group: Any = None, timeout: float = DEFAULT_TIMEOUT) -> Communicator:
     """The adapter for ``group``.
 
     Args:
@@ -230,16 +290,17 @@ def as_communicator(group: Any = None) -> Communicator:
             torch.distributed ProcessGroup, or None: torch.distributed's default group when
             it is initialized, else a :class:`SingleProcess` group (as PyTorch's
             SyncBatchNorm falls back to plain batch norm outside a process group).
+        timeout: seconds each collective of a new MPI or torch adapter may take.
 
     Raises:
         TypeError: ``group`` is none of these.
     """
     if group is None:
-        return TorchComm(None) if _torch_default_group_ready() else SingleProcess()
+        return TorchComm(None, timeout) if _torch_default_group_ready() else SingleProcess()
     if _is_mpi_comm(group):
-        return MPIComm(group)
+        return MPIComm(group, timeout)
     if type(group).__module__.startswith("torch"):
-        return TorchComm(group)
+        return TorchComm(group, timeout)
     if isinstance(group, Communicator):
         return group
     raise TypeError(

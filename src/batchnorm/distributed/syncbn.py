@@ -1,12 +1,16 @@
 """SyncBatchNorm for the NumPy modules: batch statistics over every process's slice.
 
-Forward, per channel: each process computes (count, mean, M2) of its own slice; ONE
+Forward: first the ranks agree (:mod:`batchnorm.distributed.agree`: one all-gather of a
+4-value header; a disagreement or one rank's invalid input raises the same error on every
+rank). Then, per channel, each process computes (count, mean, M2) of its own slice; ONE
 all-gather of one buffer ``[count, mean(C), M2(C)]``; every process merges the P summaries
 with Chan's pairwise formula (:mod:`batchnorm.math`) into the statistics of
 the whole batch. Backward: ONE all-reduce of one buffer ``[sum(dy)(C), sum(dy*(x-mean))(C)]``
 gives the two global sums of the closed-form dx. Parameter gradients stay this process's
 sums, as in PyTorch: data-parallel training all-reduces them with the other gradients.
-Eval (with running statistics) makes no collective call.
+Eval (with running statistics) and a group of one make no collective call. Every
+collective gives up after ``timeout`` seconds with :class:`~batchnorm.distributed.comm.
+CollectiveError` naming it (a rank that died, stalled or is in eval mode).
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.distributed.comm import Communicator, as_communicator
+from batchnorm.distributed import agree
+from batchnorm.distributed.comm import (
+    DEFAULT_TIMEOUT,
+    CollectiveError,
+    Communicator,
+    as_communicator,
+)
 from batchnorm.math import merge_all
 from batchnorm.nn.batchnorm import _BatchNorm
 from batchnorm.nn.module import Module
@@ -29,12 +39,24 @@ class CollectiveStats:
     def __init__(self, comm: Communicator) -> None:
         self.comm = comm
 
+    def _collective(self, what: str, call: Any, buf: np.ndarray) -> np.ndarray:
+        try:
+            return call(buf)  # type: ignore[no-any-return]
+        except CollectiveError as exc:
+            raise CollectiveError(f"SyncBatchNorm {what}: {exc}") from exc
+
+    def agree(self, header: list[float], axis: int) -> None:
+        """One all-gather of every rank's :func:`agree.header`; the same error on every rank
+        when they disagree (before any collective sized by the channels)."""
+        table = self._collective("agreement", self.comm.allgather, np.array(header))
+        agree.check(table.tolist(), axis)
+
     def merge_stats(
         self, count: int, mean: np.ndarray, m2: np.ndarray
     ) -> tuple[int, np.ndarray, np.ndarray]:
         channels = mean.shape[0]
         buf = np.concatenate(([float(count)], mean, m2))
-        table = self.comm.allgather(buf)  # (P, 1 + 2C)
+        table = self._collective("statistics", self.comm.allgather, buf)  # (P, 1 + 2C)
         if table.shape != (self.comm.size, buf.size):
             raise RuntimeError(
                 f"all-gather returned shape {table.shape}, expected {(self.comm.size, buf.size)}"
@@ -49,7 +71,9 @@ class CollectiveStats:
         self, sum_dy: np.ndarray, sum_dy_xmu: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         channels = sum_dy.shape[0]
-        total = self.comm.allreduce_sum(np.concatenate((sum_dy, sum_dy_xmu)))
+        total = self._collective(
+            "gradient sums", self.comm.allreduce_sum, np.concatenate((sum_dy, sum_dy_xmu))
+        )
         return total[:channels], total[channels:]
 
 
@@ -77,6 +101,7 @@ class SyncBatchNorm(_BatchNorm):
     Shape:
         Any input with at least 2 dimensions and ``num_features`` channels on ``axis``.
         Every process must call forward (and backward) the same number of times.
+        timeout: keyword-only, seconds each collective may take (MPI and torch groups).
 
     Example::
 
@@ -99,13 +124,30 @@ class SyncBatchNorm(_BatchNorm):
         axis: int = 1,
         backend: str = "auto",
         bias: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, dtype, axis, backend,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            dtype,
+            axis,
+            backend,
             bias=bias,
         )
         self.process_group = process_group
+        self.timeout = float(timeout)
         self._resolved: tuple[Any, CollectiveStats] | None = None
+
+    def forward(self, x: Any) -> np.ndarray:
+        sync = self._sync()
+        if sync is not None:  # agree first: a bad input on one rank stops every rank
+            arr = np.asarray(x)
+            sync.agree(agree.header(self.num_features, arr.shape, self.axis, arr.dtype.name),
+                       self.axis)  # fmt: skip
+        return super().forward(x)
 
     def _check_input(self, x: np.ndarray) -> None:
         if x.ndim < 2:
@@ -126,15 +168,18 @@ class SyncBatchNorm(_BatchNorm):
     def _collective(self) -> CollectiveStats:
         group = self.process_group
         if group is None:  # torch's default group may be initialized after construction
-            return CollectiveStats(as_communicator(None))
+            return CollectiveStats(as_communicator(None, self.timeout))
         if self._resolved is None or self._resolved[0] is not group:
-            self._resolved = (group, CollectiveStats(as_communicator(group)))
+            self._resolved = (group, CollectiveStats(as_communicator(group, self.timeout)))
         return self._resolved[1]
 
     def _sync(self) -> CollectiveStats | None:
         # eval never communicates; without running statistics it uses this process's batch,
-        # as PyTorch's SyncBatchNorm does
-        return self._collective() if self.training else None
+        # as PyTorch's SyncBatchNorm does; a group of one is plain batch norm
+        if not self.training:
+            return None
+        collective = self._collective()
+        return collective if collective.comm.size > 1 else None
 
     @classmethod
     def convert_sync_batchnorm(cls, module: Module, process_group: Any = None) -> Module:
@@ -147,8 +192,16 @@ class SyncBatchNorm(_BatchNorm):
 
 def _convert_one(bn: _BatchNorm, process_group: Any) -> SyncBatchNorm:
     sync = SyncBatchNorm(
-        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
-        dtype=bn.dtype, axis=bn.axis, backend=bn.backend, bias=bn.bias is not None,
+        bn.num_features,
+        bn.eps,
+        bn.momentum,
+        bn.affine,
+        bn.track_running_stats,
+        process_group,
+        dtype=bn.dtype,
+        axis=bn.axis,
+        backend=bn.backend,
+        bias=bn.bias is not None,
     )
     # share parameters and buffers, as PyTorch's convert_sync_batchnorm does
     sync.weight, sync.bias = bn.weight, bn.bias

@@ -6,7 +6,7 @@ Change one line::
 
 or build with :class:`BatchNorm1d` / :class:`BatchNorm2d` / :class:`BatchNorm3d` (subclasses of
 PyTorch's, same constructor). Needs the ``torch`` extra; the GPU kernels need ``triton``, and
-this package imports without it. Dispatch rules: :mod:`batchnorm.torch.function`.
+this package imports without it. Dispatch rules: :mod:`batchnorm.torch.routing`.
 """
 
 from batchnorm.torch.family import (
@@ -25,7 +25,7 @@ from batchnorm.torch.frozen import (
     FrozenBatchNorm3d,
     freeze_batchnorm,
 )
-from batchnorm.torch.function import BatchNormFunction, batch_norm, route
+from batchnorm.torch.function import BatchNormFunction, batch_norm
 from batchnorm.torch.fused import (
     BatchNormReLU1d,
     BatchNormReLU2d,
@@ -41,6 +41,7 @@ from batchnorm.torch.modules import (
     revert_model,
 )
 from batchnorm.torch.population import update_bn_stats
+from batchnorm.torch.routing import route
 from batchnorm.torch.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [

@@ -3,7 +3,10 @@
 Each class subclasses PyTorch's own (``isinstance(m, torch.nn.BatchNorm2d)`` holds; state_dict,
 repr, ``.to()``, DDP and optimizers behave as usual) and changes one thing: ``forward`` calls
 :func:`batchnorm.torch.function.batch_norm`, which runs our kernels where they apply and
-PyTorch's elsewhere (see :mod:`batchnorm.torch.function` for the dispatch rules).
+PyTorch's elsewhere (the rules: :mod:`batchnorm.torch.routing`).
+
+Under ``torch.fx`` tracing they appear in the graph as leaf modules (``call_module`` nodes),
+as PyTorch's own batch norms do: the traced graph calls the module itself on real tensors.
 """
 
 from __future__ import annotations
@@ -52,12 +55,21 @@ class _Ours(_BatchNorm):
     backend: str = "auto"  # CPU backend: "auto", "numpy" or "numba" (set per instance if needed)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):  # record a leaf, as fx does for torch.nn modules
+            tracer = input.tracer
+            return tracer.create_proxy(  # type: ignore[no-any-return]
+                "call_module", tracer.path_of_module(self), (input,), {}
+            )
         self._check_input_dim(input)
         running_mean, running_var, bn_training, factor = batch_norm_arguments(self)
         return batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
             self.eps, backend=self.backend,
         )  # fmt: skip
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles PyTorch's own module, sharing this one's state."""
+        return _swap(self, _TO_TORCH)
 
 
 class BatchNorm1d(_Ours, nn.BatchNorm1d):

@@ -3,8 +3,11 @@
 PyTorch's own ``torch.nn.SyncBatchNorm`` accepts only GPU tensors. This one runs wherever
 the process group's backend does, with the algorithm of :mod:`batchnorm.distributed`:
 
-* forward: per-channel (count, mean, M2) of this process's slice (float64 on CPU, float32
-  on GPU unless the input is float64); ONE all-gather of ``[count, mean, M2]``; Chan's
+* forward: the ranks agree first (:mod:`batchnorm.distributed.agree`: one all-gather of a
+  fixed-size header with each rank's count; a disagreement or one rank's invalid input
+  raises the same error on every rank, before any state changes). Then per-channel (mean,
+  M2) of this process's slice, computed in x's dtype (no float64 copy of x); ONE
+  all-gather of ``[mean, M2]`` (float64 on CPU, float32 on GPU unless x is float64); Chan's
   pairwise merge (:func:`batchnorm.math.merge_all`, the same code as the
   NumPy module) gives the statistics of the whole batch, exact with uneven and empty
   slices;
@@ -12,7 +15,9 @@ the process group's backend does, with the algorithm of :mod:`batchnorm.distribu
   Parameter gradients are this process's sums (DDP all-reduces them with the rest).
 
 Outside an initialized process group, in a group of one, and in eval mode it is plain
-batch norm and makes no collective call, as PyTorch's module does.
+batch norm and makes no collective call, as PyTorch's module does. Every collective waits
+at most ``timeout`` seconds (:class:`~batchnorm.distributed.comm.CollectiveError` then).
+NaN/inf propagate as in ``nn.SyncBatchNorm``.
 """
 
 from __future__ import annotations
@@ -26,25 +31,48 @@ import torch.nn.functional as TF
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.functional import NonFiniteBatchError
-from batchnorm.math import merge_all, running_stats
+from batchnorm.distributed.agree import HEADER_SIZE, check, header
+from batchnorm.distributed.comm import DEFAULT_TIMEOUT, CollectiveError, wait
+from batchnorm.math import grad_coefficients, inverse_std, merge_all, running_stats
 from batchnorm.torch.modules import batch_norm_arguments
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the per-channel vectors and collectives: float64 on CPU (as PyTorch's CPU
+    kernel accumulates), float32 on GPU unless x is float64."""
     if x.dtype == torch.float64 or x.device.type == "cpu":
-        return torch.float64  # float32 sums accumulate in float64 on CPU, as PyTorch's kernel
+        return torch.float64
     return torch.float32
 
 
-def _all_gather(buf: torch.Tensor, group: Any) -> torch.Tensor:
+def _collective(what: str, work: Any, size: int, group: Any, timeout: float) -> None:
+    try:
+        wait(work, what, size, timeout, group)
+    except CollectiveError as exc:
+        raise CollectiveError(f"SyncBatchNorm: {exc}") from exc
+
+
+def _all_gather(buf: torch.Tensor, group: Any, what: str, timeout: float) -> torch.Tensor:
     size = dist.get_world_size(group)
     out = buf.new_empty(size * buf.numel())
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, buf, group=group)
+    work = gather(out, buf, group=group, async_op=True)
+    _collective(f"all-gather ({what})", work, buf.numel(), group, timeout)
     return out.view(size, buf.numel())
+
+
+def _agree(x: torch.Tensor, num_features: int, group: Any, timeout: float) -> list[float]:
+    """The agreement all-gather (:mod:`batchnorm.distributed.agree`), with each rank's count
+    appended: the only host sync of the forward. Returns the counts of all ranks."""
+    dtype_name = str(x.dtype).removeprefix("torch.")
+    mine = header(num_features, tuple(x.shape), 1, dtype_name)
+    count = x.numel() // x.shape[1] if x.dim() >= 2 and x.shape[1] else 0
+    buf = torch.tensor([*mine, float(count)], dtype=_acc_dtype(x), device=x.device)
+    table = _all_gather(buf, group, "agreement", timeout).tolist()
+    check(table)
+    return [row[HEADER_SIZE] for row in table]
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -59,31 +87,26 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         momentum: float,
         group: Any,
+        counts: list[float],
+        timeout: float,
     ) -> torch.Tensor:
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         acc = _acc_dtype(x)
-        count = x.numel() // channels if channels else 0
-        if count:
-            var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0)
-            m2 = var * count
+        if x.numel():  # in x's dtype (no float64 copy of x); PyTorch's CPU reduction is exact
+            var, mean = torch.var_mean(x, dim=dims, correction=0)  # to float32 rounding
+            mean, m2 = mean.to(acc), var.to(acc) * (x.numel() // channels)
         else:
             mean = m2 = torch.zeros(channels, dtype=acc, device=x.device)
-        head = torch.full((1,), float(count), dtype=acc, device=x.device)
-        table = _all_gather(torch.cat((head, mean, m2)), group)  # the forward's one collective
-        total, mean, m2 = merge_all(
-            table[:, 0].tolist(), list(table[:, 1 : 1 + channels]), list(table[:, 1 + channels :])
-        )
+        table = _all_gather(torch.cat((mean, m2)), group, "statistics", timeout)
+        total, mean, m2 = merge_all(counts, list(table[:, :channels]), list(table[:, channels:]))
         if total == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{tuple(x.shape)} with 1 value per channel over the whole process group"
             )
-        if not bool(torch.isfinite(mean).all() and torch.isfinite(m2).all()):
-            raise NonFiniteBatchError(
-                "non-finite values (NaN or inf) in the training batch of the process group; "
-                "running statistics were left unchanged"
-            )
+        # NaN/inf propagate into y and the running statistics, as in nn.SyncBatchNorm: no
+        # check, hence no host sync
         if total > 0:
             var = m2 / total
             if running_mean is not None and running_var is not None:
@@ -94,16 +117,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_var.copy_(new_var)
         else:
             var = torch.ones_like(mean)
-        invstd = torch.rsqrt(var + eps)
+        invstd = inverse_std(var, eps)
         shape = [1, channels] + [1] * (x.dim() - 2)
         scale = invstd if weight is None else invstd * weight.to(acc)
         shift = torch.zeros_like(mean) if bias is None else bias.to(acc)
-        y = (x.to(acc) - mean.view(shape)) * scale.view(shape) + shift.view(shape)
+        y = x - mean.to(x.dtype).view(shape)
+        y.mul_(scale.to(x.dtype).view(shape)).add_(shift.to(x.dtype).view(shape))
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.total = total
-        ctx.group = group
+        ctx.total, ctx.group, ctx.timeout = total, group, timeout
         ctx.has_bias = bias is not None
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -111,26 +134,26 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        acc = mean.dtype
         shape = [1, channels] + [1] * (x.dim() - 2)
-        dya = dy.to(acc)
-        xmu = x.to(acc) - mean.view(shape)
-        sum_dy = dya.sum(dim=dims)
-        sum_dy_xmu = (dya * xmu).sum(dim=dims)
+        dy = dy.to(x.dtype)
+        xmu = x - mean.to(x.dtype).view(shape)  # in x's dtype, as forward
+        sum_dy = dy.sum(dim=dims, dtype=mean.dtype)
+        sum_dy_xmu = (dy * xmu).sum(dim=dims, dtype=mean.dtype)
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)  # this process's share
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(weight.dtype if weight is not None else dy.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, grad_weight, grad_bias, *([None] * 7)
         both = torch.cat((sum_dy, sum_dy_xmu))
-        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.group)  # the backward's one
-        m = max(ctx.total, 1.0)
-        g_dy, g_dy_xmu = both[:channels] / m, both[channels:] / m
-        a = invstd if weight is None else invstd * weight.to(acc)
-        dx = a.view(shape) * (
-            dya - g_dy.view(shape) - xmu * (invstd * invstd * g_dy_xmu).view(shape)
-        )
-        return dx.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None
+        work = dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True)
+        _collective("all-reduce (gradient sums)", work, both.numel(), ctx.group, ctx.timeout)
+        w = torch.ones_like(invstd) if weight is None else weight.to(mean.dtype)
+        a, b, c = grad_coefficients(w, invstd, both[:channels], both[channels:], max(ctx.total, 1))
+        dx = xmu.mul_(b.to(x.dtype).view(shape)).add_(c.to(x.dtype).view(shape))
+        dx.addcmul_(dy, a.to(x.dtype).view(shape))
+        return dx, grad_weight, grad_bias, *([None] * 7)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -147,6 +170,8 @@ class SyncBatchNorm(_BatchNorm):
         num_features: C of an input of shape (N, C, ...).
         eps, momentum, affine, track_running_stats: as ``torch.nn.BatchNorm2d``.
         process_group: the torch.distributed group to synchronize over; None: the default.
+        timeout: keyword-only, seconds each collective may take before every waiting rank
+            raises :class:`~batchnorm.distributed.comm.CollectiveError`.
 
     Shape:
         Input (N, C, ...) with at least 2 dimensions; N may differ between processes and
@@ -169,11 +194,14 @@ class SyncBatchNorm(_BatchNorm):
         process_group: Any = None,
         device: Any = None,
         dtype: Any = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.process_group = process_group
+        self.timeout = float(timeout)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -185,24 +213,27 @@ class SyncBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        running_mean, running_var, bn_training, factor = batch_norm_arguments(self)
         need_sync = (
-            bn_training
-            and self.training
+            self.training
             and dist.is_available()
             and dist.is_initialized()
             and dist.get_world_size(self.process_group) > 1
         )
+        if need_sync:  # agree first: one rank's bad input stops every rank, before any update
+            group, timeout = self.process_group, self.timeout
+            counts = _agree(input, self.num_features, group, timeout)
+        else:
+            self._check_input_dim(input)
+        running_mean, running_var, bn_training, factor = batch_norm_arguments(self)
         if not need_sync:
             return TF.batch_norm(
-                input, running_mean, running_var, self.weight, self.bias,
-                bn_training, factor, self.eps,
-            )
+                input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
+                self.eps,
+            )  # fmt: skip
         out: torch.Tensor = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
-            self.process_group,
-        )
+            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group,
+            counts, timeout,
+        )  # fmt: skip
         return out
 
     @classmethod
@@ -223,9 +254,7 @@ def _is_batchnorm(module: torch.nn.Module) -> bool:
         return True
     # batch-norm modules that do not derive from torch's _BatchNorm (e.g. batchnorm.torch's)
     names = ("num_features", "eps", "momentum", "affine", "track_running_stats", "running_mean")
-    return bool(_BN_NAME.search(type(module).__name__)) and all(
-        hasattr(module, n) for n in names
-    )
+    return bool(_BN_NAME.search(type(module).__name__)) and all(hasattr(module, n) for n in names)
 
 
 def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
@@ -238,7 +267,11 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None) -
     if _is_batchnorm(module):
         bn: Any = module
         sync = SyncBatchNorm(
-            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
             process_group,
         )
         if bn.affine:

@@ -1,0 +1,126 @@
+"""The drop-in's one routing table: which implementation takes a ``batch_norm`` call.
+
+:func:`route` decides once per call, from the tensors alone:
+
+=====================================================  ==========================================
+the call                                               goes to
+=====================================================  ==========================================
+traced or compiled (``torch.jit.trace`` / script,      ``"torch"``: PyTorch's own op, so the
+ONNX export, ``torch.compile``, ``torch.export``, an   graph records ``batch_norm`` and replays
+fx ``Proxy``), or a tensor subclass / mode that        right on new inputs
+overrides ``batch_norm``
+CPU, float32/float64, dense (contiguous or             ``"cpu"``: our kernels through
+channels-last), parameters of x's dtype, at least      :mod:`batchnorm.functional`
+:func:`min_numel` elements
+CUDA (or CPU with ``TRITON_ON_CPU``), float32/16,      ``"triton"``: :mod:`batchnorm.kernels.triton`
+bfloat16, dense, under 2**31 elements, Triton present
+anything else                                          ``"torch"``
+=====================================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import has_torch_function_variadic
+
+from batchnorm.layout import tensor_channels_last
+
+__all__ = ["CPU_MIN_NUMEL", "min_numel", "route", "traced", "triton_available"]
+
+CPU_DTYPES = (torch.float32, torch.float64)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tests set this to run the Triton path on CPU tensors under TRITON_INTERPRET=1.
+TRITON_ON_CPU = False
+# Below the crossover PyTorch's CPU kernel is faster: the Python around ours (validation, NumPy
+# views, the autograd Function) costs more than the pass. Elements of x, by (channels_last,
+# threads), for a float32 training step (forward + backward) with 64 channels, measured by
+# benchmarks/crossover.py (results/crossover.json); more threads use the largest entry.
+CPU_MIN_NUMEL: dict[tuple[bool, int], int] = {
+    (False, 1): 524_288,
+    (True, 1): 2_097_152,
+    (False, 2): 1_048_576,
+    (True, 2): 1_048_576,
+}
+# Tests set this to take every CPU size (None: the table above).
+MIN_NUMEL: int | None = None
+
+_triton_ok: bool | None = None
+
+
+def triton_available() -> bool:
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_ok = False
+        else:
+            _triton_ok = True
+    return _triton_ok
+
+
+_threads = torch.get_num_threads
+
+
+def min_numel(channels_last: bool, threads: int) -> int:
+    """The CPU crossover: from this many elements on our kernels are faster."""
+    if MIN_NUMEL is not None:
+        return MIN_NUMEL
+    known = [t for cl, t in CPU_MIN_NUMEL if cl == channels_last]
+    return CPU_MIN_NUMEL[(channels_last, min(threads, max(known)))]
+
+
+def traced(*tensors: torch.Tensor | None) -> bool:
+    """Whether a tracer, compiler or tensor override is watching: then only PyTorch's own op
+    is visible to it (our kernels run through NumPy, which no tracer sees)."""
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or any(isinstance(t, torch.fx.Proxy) for t in tensors)
+        or has_torch_function_variadic(*tensors)
+    )
+
+
+def route(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+) -> str:
+    """Which implementation takes these tensors: ``"cpu"``, ``"triton"`` or ``"torch"``."""
+    given = [t for t in (weight, bias, running_mean, running_var) if t is not None]
+    if traced(x, *given) or x.dim() < 2 or x.layout != torch.strided:
+        return "torch"
+    if x.is_cpu and not TRITON_ON_CPU:  # the common case, in few tensor calls (each ~1 us)
+        return _cpu(x, given)
+    channels_last = tensor_channels_last(x)
+    if channels_last is None or x.numel() == 0:
+        return "torch"
+    channels = x.shape[1]
+    for t in given:
+        if t.device != x.device or t.shape != (channels,) or t.stride() != (1,):
+            return "torch"
+    if x.is_cpu and x.dtype not in GPU_DTYPES:  # TRITON_ON_CPU, a dtype Triton does not take
+        return _cpu(x, given)
+    if (not x.is_cpu and x.device.type != "cuda") or x.dtype not in GPU_DTYPES:
+        return "torch"
+    if any(t.dtype not in (x.dtype, torch.float32) for t in given) or x.numel() >= 2**31:
+        return "torch"
+    return "triton" if triton_available() else "torch"
+
+
+def _cpu(x: torch.Tensor, given: list[torch.Tensor]) -> str:
+    dtype = x.dtype
+    if dtype not in CPU_DTYPES:
+        return "torch"
+    channels_last = tensor_channels_last(x)
+    if channels_last is None or x.numel() < max(1, min_numel(channels_last, _threads())):
+        return "torch"
+    channels = x.shape[1]
+    for t in given:
+        if t.dtype != dtype or not t.is_cpu or t.shape != (channels,) or t.stride() != (1,):
+            return "torch"
+    return "cpu"
