@@ -19,6 +19,7 @@ from batchnorm import functional as F  # noqa: E402
 from batchnorm import kernels as backends  # noqa: E402
 from batchnorm.kernels import numba as nb  # noqa: E402
 from batchnorm.kernels import numpy as npb  # noqa: E402
+from batchnorm.kernels.numba import config, plan  # noqa: E402
 
 # (outer, C, inner): rows kernels for inner < ROWS_MAX_INNER, segments kernels otherwise
 SHAPES3 = [
@@ -36,10 +37,10 @@ TOL = {np.float32: {"rtol": 2e-6, "atol": 2e-6}, np.float64: {"rtol": 1e-12, "at
 @pytest.fixture(params=["serial", "parallel"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "parallel":
-        monkeypatch.setattr(nb, "PARALLEL_MIN", 0)
-        monkeypatch.setattr(nb, "CHUNKS", 3)
-        monkeypatch.setattr(nb, "BLOCK", 7)
-        monkeypatch.setattr(nb, "ROWS_BLOCK_MIN", 2)
+        monkeypatch.setattr(config, "PARALLEL_MIN", 0)
+        monkeypatch.setattr(config, "CHUNKS", 3)
+        monkeypatch.setattr(config, "BLOCK", 7)
+        monkeypatch.setattr(config, "ROWS_BLOCK_MIN", 2)
     return str(request.param)
 
 
@@ -55,9 +56,9 @@ def _data(shape: tuple[int, ...], dtype: Any, seed: int = 0) -> tuple[np.ndarray
 
 
 def test_path_switches() -> None:
-    assert nb._rows(np.empty((4, 3, 1)))
-    assert not nb._rows(np.empty((4, 3, nb.ROWS_MAX_INNER)))
-    assert nb._chunks(10, 10) == 1  # small arrays: one chunk, the serial build
+    assert plan.use_rows(np.empty((4, 3, 1)))
+    assert not plan.use_rows(np.empty((4, 3, config.ROWS_MAX_INNER)))
+    assert config.chunks(10, 10) == 1  # small arrays: one chunk, the serial build
 
 
 @pytest.mark.parametrize("shape3", SHAPES3, ids=str)
@@ -199,8 +200,8 @@ def test_fused_helpers_match_the_public_passes(
     path: str, shape3: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # small runs, so that these small arrays make groups enough for three chunks
-    monkeypatch.setattr(nb, "FUSE_RUN_BYTES", 600)
-    monkeypatch.setattr(nb, "FUSE_MIN_RUN_BYTES", 300)
+    monkeypatch.setattr(config, "FUSE_RUN_BYTES", 600)
+    monkeypatch.setattr(config, "FUSE_MIN_RUN_BYTES", 300)
     eps = 1e-5
     for dtype in _dtypes(path):
         x, dy = _data(shape3, dtype)
@@ -239,22 +240,22 @@ def test_fused_helpers_decline_where_they_would_not_gain(monkeypatch: pytest.Mon
     for x in (rows, short):
         assert nb.fused_forward(x, None, None, 1e-5) is None
         assert nb.fused_backward(x, x, np.zeros(8), np.ones(8), None, 64) is None
-    monkeypatch.setattr(nb, "FUSE_MAX_BYTES", 8192)
-    assert nb._fusable(np.zeros((4, 8, 1024), np.float32), 1) == (0, 0)  # 16 KiB a channel
-    monkeypatch.setattr(nb, "CHUNKS", 2)
-    monkeypatch.setattr(nb, "FUSE_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(config, "FUSE_MAX_BYTES", 8192)
+    assert plan.fusable(np.zeros((4, 8, 1024), np.float32), 1) == (0, 0)  # 16 KiB a channel
+    monkeypatch.setattr(config, "CHUNKS", 2)
+    monkeypatch.setattr(config, "FUSE_MAX_BYTES", 1 << 20)
     lone = np.zeros((4, 1, 8192), np.float32)  # one channel would leave a thread idle
-    assert nb._fusable(lone, 1) == (0, 0)
-    assert nb._fusable(np.zeros((4, 3, 8192), np.float32), 1) == (2, 1)  # 2 + 1: fused
+    assert plan.fusable(lone, 1) == (0, 0)
+    assert plan.fusable(np.zeros((4, 3, 8192), np.float32), 1) == (2, 1)  # 2 + 1: fused
 
 
 def test_fused_group_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nb, "CHUNKS", 2)
-    monkeypatch.setattr(nb, "FUSE_RUN_BYTES", 16384)
-    monkeypatch.setattr(nb, "FUSE_MAX_BYTES", 4 << 20)
+    monkeypatch.setattr(config, "CHUNKS", 2)
+    monkeypatch.setattr(config, "FUSE_RUN_BYTES", 16384)
+    monkeypatch.setattr(config, "FUSE_MAX_BYTES", 4 << 20)
 
     def group(shape: tuple[int, int, int], arrays: int) -> int:
-        return nb._fusable(np.empty(shape, np.float32), arrays)[1]
+        return plan.fusable(np.empty(shape, np.float32), arrays)[1]
 
     assert group((32, 2048, 49), 2) == 83  # 7x7 maps: 83 channels make 16 KiB runs
     assert group((256, 2048, 49), 2) == 41  # ...fewer where dy and x would not fit 4 MiB
