@@ -212,11 +212,12 @@ def test_fused_helpers_match_the_public_passes(
         b = rng.standard_normal(channels)
         fused = nb.fused_forward(x, w, b, eps)
         assert fused is not None
-        y, mean, m2 = fused
+        y, mean, m2, rstd_fused = fused
         mean0, m20 = nb.channel_stats(x)
         np.testing.assert_allclose(mean, mean0, rtol=1e-12)
         np.testing.assert_allclose(m2, m20, rtol=1e-10)
         rstd = 1.0 / np.sqrt(m20 / count + eps)
+        np.testing.assert_allclose(rstd_fused, rstd, rtol=1e-10)
         assert y.dtype == x.dtype
         np.testing.assert_allclose(y, nb.normalize(x, mean0, rstd * w, b), **TOL[dtype])
 
@@ -235,11 +236,9 @@ def test_fused_helpers_match_the_public_passes(
 
 
 def test_fused_helpers_decline_where_they_would_not_gain(monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = np.zeros((64, 8, 1), np.float32)  # channels-last: no channel is contiguous
     short = np.zeros((4, 8, 49), np.float32)  # all 8 channels make a run of 1.5 KiB only
-    for x in (rows, short):
-        assert nb.fused_forward(x, None, None, 1e-5) is None
-        assert nb.fused_backward(x, x, np.zeros(8), np.ones(8), None, 64) is None
+    assert nb.fused_forward(short, None, None, 1e-5) is None
+    assert nb.fused_backward(short, short, np.zeros(8), np.ones(8), None, 196) is None
     monkeypatch.setattr(config, "FUSE_MAX_BYTES", 8192)
     assert plan.fusable(np.zeros((4, 8, 1024), np.float32), 1) == (0, 0)  # 16 KiB a channel
     monkeypatch.setattr(config, "CHUNKS", 2)
@@ -263,3 +262,52 @@ def test_fused_group_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert group((32, 64, 3136), 2) == 1  # 56x56 maps: one channel a run
     assert group((8, 3, 50176), 2) == 1  # 224x224 maps: one
     assert group((64, 3, 50176), 1) == 0  # 12 MiB a channel: not fused
+
+
+@pytest.mark.parametrize("shape3", [(50, 7, 1), (9, 4, 3)], ids=str)
+def test_rows_training_passes_in_one_call(path: str, shape3: tuple[int, int, int]) -> None:
+    """Rows layouts always take the one-call training passes; numbers as the public passes."""
+    eps, momentum = 1e-5, 0.3
+    for dtype in _dtypes(path):
+        x, dy = _data(shape3, dtype)
+        channels = shape3[1]
+        count = shape3[0] * shape3[2]
+        rng = np.random.default_rng(5)
+        w = 1.0 + 0.2 * rng.standard_normal(channels)
+        b = rng.standard_normal(channels)
+        rm = rng.standard_normal(channels).astype(dtype)
+        rv = (1.0 + rng.random(channels)).astype(dtype)
+        rm0, rv0 = rm.astype(np.float64), rv.astype(np.float64)
+        done = nb.fused_forward(x, w, b, eps, rm, rv, momentum)
+        assert done is not None
+        y, mean, m2, rstd = done
+        mean0, m20 = npb.channel_stats(x)
+        np.testing.assert_allclose(mean, mean0, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(m2, m20, rtol=1e-10)
+        rstd0 = 1.0 / np.sqrt(m20 / count + eps)
+        np.testing.assert_allclose(rstd, rstd0, rtol=1e-10)
+        np.testing.assert_allclose(y, npb.normalize(x, mean0, rstd0 * w, b), **TOL[dtype])
+        # running statistics by PyTorch's rule, written out here
+        np.testing.assert_allclose(rm, (1 - momentum) * rm0 + momentum * mean0, **TOL[dtype])
+        want_var = (1 - momentum) * rv0 + momentum * m20 / (count - 1)
+        np.testing.assert_allclose(rv, want_var, **TOL[dtype])
+
+        back = nb.fused_backward(dy, x, mean0, rstd0, w, count)
+        assert back is not None
+        dx, sum_dy, sum_dy_xmu = back
+        sum_dy0, sum_dy_xmu0 = npb.grad_sums(dy, x, mean0)
+        np.testing.assert_allclose(sum_dy, sum_dy0, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(sum_dy_xmu, sum_dy_xmu0, rtol=1e-10, atol=1e-10)
+        a = w * rstd0
+        dx0 = npb.grad_input(
+            dy, x, mean0, a, -a * rstd0**2 * sum_dy_xmu0 / count, -a * sum_dy0 / count
+        )
+        np.testing.assert_allclose(dx, dx0, **TOL[dtype])
+
+        # NaN in one channel: nothing written to either buffer
+        x[1, 2, 0] = np.nan
+        before = rm.copy(), rv.copy()
+        done = nb.fused_forward(x, w, b, eps, rm, rv, momentum)
+        assert done is not None and not np.isfinite(done[1][2])
+        np.testing.assert_array_equal(rm, before[0])
+        np.testing.assert_array_equal(rv, before[1])

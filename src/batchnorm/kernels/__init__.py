@@ -38,12 +38,21 @@ class Kernels(Protocol):
         """``dx = a * dy + b * (x - mean) + c`` in x's dtype."""
 
     def fused_forward(
-        self, x3: Any, weight: Any | None, bias: Any | None, eps: float
-    ) -> tuple[Any, Any, Any] | None:
-        """Training forward reading x once: ``(y3, mean, m2)``, or None where it would not pay.
+        self,
+        x3: Any,
+        weight: Any | None,
+        bias: Any | None,
+        eps: float,
+        running_mean: Any | None = None,
+        running_var: Any | None = None,
+        momentum: float = 0.0,
+    ) -> tuple[Any, Any, Any, Any] | None:
+        """Training forward in one call: ``(y3, mean, m2, rstd)``, or None where it would not pay.
 
         The same numbers as ``channel_stats`` then ``normalize`` with
-        ``scale = weight * inverse_std(m2 / count, eps)`` and ``shift = bias``.
+        ``rstd = inverse_std(m2 / count, eps)``, ``scale = weight * rstd``, ``shift = bias``.
+        The running buffers, when given, get :func:`batchnorm.math.running_stats` in place
+        only if every channel's mean is finite (the caller then reports the batch).
         """
 
     def fused_backward(
@@ -52,7 +61,7 @@ class Kernels(Protocol):
         """Training backward reading dy and x once: ``(dx3, sum_dy, sum_dy_xmu)``, or None.
 
         The same numbers as ``grad_sums`` then ``grad_input`` with the coefficients of
-        :func:`batchnorm.math.grad_coefficients`.
+        :func:`batchnorm.math.grad_coefficients` (batch statistics over ``count`` values).
         """
 
 

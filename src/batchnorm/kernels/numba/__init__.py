@@ -24,8 +24,9 @@ from batchnorm.kernels.numba import config, fused, ops, plan, rows, segments
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-_normalize = {True: rows.elementwise(ops.normalize), False: segments.elementwise(ops.normalize)}
-_grad_input = {True: rows.elementwise(ops.grad_input), False: segments.elementwise(ops.grad_input)}
+_normalize = {True: rows.normalize, False: segments.normalize}
+_grad_input = {True: rows.grad_input, False: segments.grad_input}
+_NONE = np.empty(0)  # no running buffers
 
 
 def _vec(v: np.ndarray) -> np.ndarray:
@@ -85,24 +86,60 @@ def grad_input(
     return out
 
 
+def _running(a: np.ndarray | None) -> np.ndarray:
+    """A running buffer the kernels can update in place (a float64 copy where it is not)."""
+    if a is None:
+        return _NONE
+    if a.dtype in DTYPES and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return _vec(a)
+
+
 def fused_forward(
-    x3: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, eps: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Training forward reading x from memory once: ``(y3, mean, m2)``, or None to decline."""
-    chunks, group = plan.fusable(x3, 1)
+    x3: np.ndarray,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    eps: float,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
+    momentum: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Training forward in one compiled call: ``(y3, mean, m2, rstd)``, or None to decline.
+
+    Rows layouts always; segments where reading x once pays (:func:`.plan.fusable`).
+    """
+    rows_layout = plan.use_rows(x3)
+    chunks, group = (plan.chunks(x3), 0) if rows_layout else plan.fusable(x3, 1)
     if not chunks:
         return None
-    channels = x3.shape[1]
+    outer, channels, inner = x3.shape
     w = np.ones(channels) if weight is None else _vec(weight)
     b = np.zeros(channels) if bias is None else _vec(bias)
+    rm, rv = _running(running_mean), _running(running_var)
+    x = np.ascontiguousarray(x3).reshape(-1)
     y3 = np.empty_like(x3)
-    mean = np.empty(channels)
-    m2 = np.empty(channels)
-    fused.forward(
-        x3.reshape(-1), w, b, float(eps), y3.reshape(-1), mean, m2,
-        *x3.shape, group, config.BLOCK, chunks,
-    )  # fmt: skip
-    return y3, mean, m2
+    mean, m2, rstd = np.empty(channels), np.empty(channels), np.empty(channels)
+    if rows_layout:
+        block = max(config.ROWS_BLOCK_MIN, config.BLOCK // max(1, channels * inner))
+        ok = fused.rows_forward(
+            x, w, b, float(eps), rm, rv, float(momentum), y3.reshape(-1), mean, m2, rstd,
+            outer, channels, inner, block, chunks,
+        )  # fmt: skip
+    else:
+        fused.segments_forward(
+            x, w, b, float(eps), y3.reshape(-1), mean, m2, outer, channels, inner, group,
+            config.BLOCK, chunks,
+        )  # fmt: skip
+        scale, shift = np.empty(channels), np.empty(channels)
+        ok = ops.batch_coefficients(
+            mean, m2, float(outer * inner), float(eps), w, b, rm, rv, float(momentum),
+            rstd, scale, shift,
+        )  # fmt: skip
+    if ok:
+        for given, used in ((running_mean, rm), (running_var, rv)):
+            if given is not None and used is not given:
+                given[...] = used
+    return y3, mean, m2, rstd
 
 
 def fused_backward(
@@ -113,18 +150,27 @@ def fused_backward(
     weight: np.ndarray | None,
     count: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Training backward reading dy and x once: ``(dx3, sum_dy, sum_dy_xmu)``, or None."""
-    chunks, group = plan.fusable(x3, 2)
+    """Training backward in one compiled call: ``(dx3, sum_dy, sum_dy_xmu)``, or None.
+
+    Rows layouts always; segments where reading dy and x once pays.
+    """
+    rows_layout = plan.use_rows(x3)
+    chunks, group = (plan.chunks(x3), 0) if rows_layout else plan.fusable(x3, 2)
     if not chunks:
         return None
-    dy3 = _same(dy3, x3)
+    x = np.ascontiguousarray(x3)
+    dy = _same(dy3, x)
     channels = x3.shape[1]
     w = np.ones(channels) if weight is None else _vec(weight)
-    dx3 = np.empty_like(x3)
+    dx3 = np.empty_like(x)
     sum_dy = np.empty(channels)
     sum_dy_xmu = np.empty(channels)
-    fused.backward(
-        dy3.reshape(-1), x3.reshape(-1), _vec(mean), _vec(rstd), w, dx3.reshape(-1),
-        sum_dy, sum_dy_xmu, float(max(count, 1)), *x3.shape, group, chunks,
+    args = (
+        dy.reshape(-1), x.reshape(-1), _vec(mean), _vec(rstd), w, dx3.reshape(-1), sum_dy,
+        sum_dy_xmu, float(max(count, 1)), *x3.shape,
     )  # fmt: skip
+    if rows_layout:
+        fused.rows_backward(*args, chunks)
+    else:
+        fused.segments_backward(*args, group, chunks)
     return dx3, sum_dy, sum_dy_xmu

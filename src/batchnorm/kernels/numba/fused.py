@@ -1,14 +1,18 @@
-"""Fused, channel-parallel training passes: x (and dy) read from memory once.
+"""Training passes in one compiled call each: statistics, the per-channel arithmetic, output.
 
-A thread owns whole channels: it reduces their segments (bringing them into its L2 cache),
-then makes the elementwise pass over the same segments from cache, so x (and dy) are read
-from memory once instead of twice. Channels go in groups of ``group`` neighbours, walked
-row by row (o outer, the group's channels inner), so that each row of a group is one
-contiguous run long enough to stream even when segments are short (7x7 maps: 49 values).
-Segments layout only; :func:`batchnorm.kernels.numba.plan.fusable` decides when it pays.
-Segments are merged exactly in two passes: the mean of their means, then their spread
-about it. The reductions are written out here: with ``segment_stats`` called for every
-segment the 7x7 forward ran 35% slower from cache, single-threaded.
+*rows* (2-D, channels-last): the rows kernels' chunks, the per-channel arithmetic
+(:func:`.ops.batch_coefficients`, :func:`batchnorm.math.grad_coefficients`) and the
+elementwise pass in one call, so a small batch costs one dispatch per pass.
+
+*segments*: channel-parallel, x (and dy) read from memory once. A thread owns whole
+channels: it reduces their segments (bringing them into its L2 cache), then makes the
+elementwise pass over the same segments from cache. Channels go in groups of ``group``
+neighbours, walked row by row (o outer, the group's channels inner), so that each row of a
+group is one contiguous run long enough to stream even when segments are short (7x7 maps:
+49 values); :func:`.plan.fusable` decides when it pays. Segments are merged exactly in
+two passes: the mean of their means, then their spread about it. The reductions are
+written out here: with ``segment_stats`` called for every segment the 7x7 forward ran 35%
+slower from cache, single-threaded.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels.numba import ops
+from batchnorm.kernels.numba import ops, rows
 from batchnorm.kernels.numba.config import Kernel, U, grad_coefficients, inverse_std
 from batchnorm.kernels.numba.segments import block_stats, segment_stats
 
 
-def _forward(
+def _segments_forward(
     x: Any,
     weight: Any,
     bias: Any,
@@ -83,7 +87,7 @@ def _forward(
                         y[u] = ops.normalize(x[u], 0.0, mc, sc, bc, 0.0)
 
 
-def _backward(
+def _segments_backward(
     dy: Any,
     x: Any,
     mean: Any,
@@ -143,5 +147,79 @@ def _backward(
                         dx[u] = ops.grad_input(x[u], dy[u], mc, aj, bj, cj)
 
 
-forward = Kernel(_forward)
-backward = Kernel(_backward)
+def _rows_forward(
+    x: Any,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    running_mean: Any,
+    running_var: Any,
+    momentum: float,
+    y: Any,
+    mean: Any,
+    m2: Any,
+    rstd: Any,
+    outer: int,
+    channels: int,
+    inner: int,
+    block: int,
+    chunks: int,
+) -> bool:
+    width = channels * inner
+    means = np.zeros((chunks, width))
+    m2s = np.zeros((chunks, width))
+    counts = np.zeros(chunks)
+    for t in prange(chunks):
+        counts[t] = rows.chunk_stats(x, outer, width, block, t, chunks, means[t], m2s[t])
+    mean_c, m2_c = rows.merge_chunks(counts, means, m2s, channels, inner)
+    mean[:] = mean_c
+    m2[:] = m2_c
+    scale = np.empty(channels)
+    shift = np.empty(channels)
+    ok = ops.batch_coefficients(
+        mean, m2, float(outer * inner), eps, weight, bias, running_mean, running_var, momentum,
+        rstd, scale, shift,
+    )  # fmt: skip
+    m = np.repeat(mean, inner)
+    s = np.repeat(scale, inner)
+    b = np.repeat(shift, inner)
+    for t in prange(chunks):
+        rows.normalize_chunk(x, x, m, s, b, b, y, outer, t, chunks)
+    return ok
+
+
+def _rows_backward(
+    dy: Any,
+    x: Any,
+    mean: Any,
+    rstd: Any,
+    weight: Any,
+    dx: Any,
+    sum_dy: Any,
+    sum_dy_xmu: Any,
+    count: float,
+    outer: int,
+    channels: int,
+    inner: int,
+    chunks: int,
+) -> None:
+    width = channels * inner
+    mean_w = np.repeat(mean, inner)
+    sdy = np.zeros((chunks, width))
+    sdx = np.zeros((chunks, width))
+    for t in prange(chunks):
+        rows.chunk_grad_sums(dy, x, mean_w, outer, t, chunks, sdy[t], sdx[t])
+    sum_dy[:] = rows.fold_sums(sdy, channels, inner)
+    sum_dy_xmu[:] = rows.fold_sums(sdx, channels, inner)
+    a, b, c = grad_coefficients(weight, rstd, sum_dy, sum_dy_xmu, count)
+    aw = np.repeat(a, inner)
+    bw = np.repeat(b, inner)
+    cw = np.repeat(c, inner)
+    for t in prange(chunks):
+        rows.grad_input_chunk(x, dy, mean_w, aw, bw, cw, dx, outer, t, chunks)
+
+
+segments_forward = Kernel(_segments_forward)
+segments_backward = Kernel(_segments_backward)
+rows_forward = Kernel(_rows_forward)
+rows_backward = Kernel(_rows_backward)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
+from batchnorm.kernels.numba import ops
 from batchnorm.kernels.numba.config import Kernel, U, chan_merge_step, jit
 
 
@@ -47,7 +48,7 @@ def _fold_columns(n: Any, mean_w: Any, m2_w: Any, channels: int, inner: int) -> 
 
 
 @jit
-def _fold_sums(sums: Any, channels: int, inner: int) -> Any:
+def fold_sums(sums: Any, channels: int, inner: int) -> Any:
     """(T, C*inner) partial sums -> (C,) totals."""
     out = np.zeros(channels)
     for t in range(sums.shape[0]):
@@ -116,23 +117,72 @@ def _stats_chunk(
     return n
 
 
+@jit
+def chunk_stats(
+    x: Any, outer: int, width: int, block: int, t: int, chunks: int, mean: Any, m2: Any
+) -> Any:
+    """Chunk t's per-column (mean, m2) into mean/m2 (zeroed); returns its row count."""
+    s = np.empty(width)
+    q = np.empty(width)
+    return _stats_chunk(
+        x, width, outer * t // chunks, outer * (t + 1) // chunks, block, mean, m2, s, q
+    )
+
+
+@jit
+def merge_chunks(counts: Any, means: Any, m2s: Any, channels: int, inner: int) -> Any:
+    """Per-channel (mean, m2) from the chunks' per-column partials."""
+    width = channels * inner
+    n = 0.0
+    mean_w = np.zeros(width)
+    m2_w = np.zeros(width)
+    for t in range(counts.shape[0]):
+        n = _merge_into(n, mean_w, m2_w, counts[t], means[t], m2s[t])
+    return _fold_columns(n, mean_w, m2_w, channels, inner)
+
+
 def _stats(x: Any, outer: int, channels: int, inner: int, block: int, chunks: int) -> Any:
     width = channels * inner
     means = np.zeros((chunks, width))
     m2s = np.zeros((chunks, width))
     counts = np.zeros(chunks)
     for t in prange(chunks):
-        s = np.empty(width)
-        q = np.empty(width)
-        r0 = outer * t // chunks
-        r1 = outer * (t + 1) // chunks
-        counts[t] = _stats_chunk(x, width, r0, r1, block, means[t], m2s[t], s, q)
-    n = 0.0
-    mean_w = np.zeros(width)
-    m2_w = np.zeros(width)
-    for t in range(chunks):
-        n = _merge_into(n, mean_w, m2_w, counts[t], means[t], m2s[t])
-    return _fold_columns(n, mean_w, m2_w, channels, inner)
+        counts[t] = chunk_stats(x, outer, width, block, t, chunks, means[t], m2s[t])
+    return merge_chunks(counts, means, m2s, channels, inner)
+
+
+@jit
+def chunk_grad_sums(
+    dy: Any, x: Any, mean_w: Any, outer: int, t: int, chunks: int, a: Any, b: Any
+) -> None:
+    """Chunk t's per-column sum(dy) and sum(dy * (x - mean)) added into a and b."""
+    width = mean_w.shape[0]
+    r = outer * t // chunks
+    r_end = outer * (t + 1) // chunks
+    while r + 4 <= r_end:  # four rows per sweep, as in _stats_chunk
+        b0 = U(r * width)
+        b1 = b0 + U(width)
+        b2 = b1 + U(width)
+        b3 = b2 + U(width)
+        for j in range(width):
+            u = U(j)
+            m = mean_w[j]
+            g0 = np.float64(dy[b0 + u])
+            g1 = np.float64(dy[b1 + u])
+            g2 = np.float64(dy[b2 + u])
+            g3 = np.float64(dy[b3 + u])
+            a[j] += (g0 + g1) + (g2 + g3)
+            b[j] += (g0 * (x[b0 + u] - m) + g1 * (x[b1 + u] - m)) + (
+                g2 * (x[b2 + u] - m) + g3 * (x[b3 + u] - m)
+            )
+        r += 4
+    while r < r_end:
+        b0 = U(r * width)
+        for j in range(width):
+            g = np.float64(dy[b0 + U(j)])
+            a[j] += g
+            b[j] += g * (x[b0 + U(j)] - mean_w[j])
+        r += 1
 
 
 def _grad_sums(
@@ -143,43 +193,37 @@ def _grad_sums(
     sdy = np.zeros((chunks, width))
     sdx = np.zeros((chunks, width))
     for t in prange(chunks):
-        a = sdy[t]
-        b = sdx[t]
-        r = outer * t // chunks
-        r_end = outer * (t + 1) // chunks
-        while r + 4 <= r_end:  # four rows per sweep, as in _stats_chunk
-            b0 = U(r * width)
-            b1 = b0 + U(width)
-            b2 = b1 + U(width)
-            b3 = b2 + U(width)
-            for j in range(width):
-                u = U(j)
-                m = mean_w[j]
-                g0 = np.float64(dy[b0 + u])
-                g1 = np.float64(dy[b1 + u])
-                g2 = np.float64(dy[b2 + u])
-                g3 = np.float64(dy[b3 + u])
-                a[j] += (g0 + g1) + (g2 + g3)
-                b[j] += (g0 * (x[b0 + u] - m) + g1 * (x[b1 + u] - m)) + (
-                    g2 * (x[b2 + u] - m) + g3 * (x[b3 + u] - m)
-                )
-            r += 4
-        while r < r_end:
-            b0 = U(r * width)
-            for j in range(width):
-                g = np.float64(dy[b0 + U(j)])
-                a[j] += g
-                b[j] += g * (x[b0 + U(j)] - mean_w[j])
-            r += 1
-    return _fold_sums(sdy, channels, inner), _fold_sums(sdx, channels, inner)
+        chunk_grad_sums(dy, x, mean_w, outer, t, chunks, sdy[t], sdx[t])
+    return fold_sums(sdy, channels, inner), fold_sums(sdx, channels, inner)
 
 
-def elementwise(op: Any) -> Kernel:
-    """The rows pass ``out = op(x, dy, mean, p, q, r)`` with per-channel mean, p, q, r.
+def apply(op: Any) -> Any:
+    """Compiled ``out = op(x, dy, mean, p, q, r)`` over chunk t's rows, per-column vectors.
 
     One template for normalize and grad_input: ``op`` is a compiled scalar function that
     numba inlines into the loop, so each pass runs as if written out.
     """
+
+    def chunk(
+        x: Any, dy: Any, m: Any, p: Any, q: Any, r: Any, out: Any, outer: int, t: int, chunks: int
+    ) -> None:
+        width = m.shape[0]
+        for row in range(outer * t // chunks, outer * (t + 1) // chunks):
+            base = U(row * width)
+            for j in range(width):
+                i = base + U(j)
+                out[i] = op(x[i], dy[i], m[j], p[j], q[j], r[j])
+
+    chunk.__name__ = f"rows_{op.__name__}"
+    return jit(chunk)
+
+
+normalize_chunk = apply(ops.normalize)
+grad_input_chunk = apply(ops.grad_input)
+
+
+def elementwise(chunk: Any) -> Kernel:
+    """The rows pass of ``chunk`` (from :func:`apply`) with per-channel mean, p, q, r."""
 
     def body(
         x: Any,
@@ -194,21 +238,18 @@ def elementwise(op: Any) -> Kernel:
         inner: int,
         chunks: int,
     ) -> None:
-        width = channels * inner
         m = np.repeat(mean, inner)
         pw = np.repeat(p, inner)
         qw = np.repeat(q, inner)
         rw = np.repeat(r, inner)
         for t in prange(chunks):
-            for row in range(outer * t // chunks, outer * (t + 1) // chunks):
-                base = U(row * width)
-                for j in range(width):
-                    i = base + U(j)
-                    out[i] = op(x[i], dy[i], m[j], pw[j], qw[j], rw[j])
+            chunk(x, dy, m, pw, qw, rw, out, outer, t, chunks)
 
-    body.__name__ = f"rows_{op.__name__}"
+    body.__name__ = f"{chunk.__name__}_pass"
     return Kernel(body)
 
 
 stats = Kernel(_stats)
 grad_sums = Kernel(_grad_sums)
+normalize = elementwise(normalize_chunk)
+grad_input = elementwise(grad_input_chunk)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
+from batchnorm.kernels.numba import ops
 from batchnorm.kernels.numba.config import Kernel, U, chan_merge_step, jit
 
 
@@ -96,7 +97,7 @@ def _grad_sums(
 def elementwise(op: Any) -> Kernel:
     """The segments pass ``out = op(x, dy, mean, p, q, r)`` with per-channel mean, p, q, r.
 
-    One template for normalize and grad_input (see :mod:`batchnorm.kernels.numba.ops`).
+    One template for normalize and grad_input (the formulas are in :mod:`.ops`).
     """
 
     def body(
@@ -131,3 +132,5 @@ def elementwise(op: Any) -> Kernel:
 
 stats = Kernel(_stats)
 grad_sums = Kernel(_grad_sums)
+normalize = elementwise(ops.normalize)
+grad_input = elementwise(ops.grad_input)
