@@ -311,3 +311,43 @@ def test_rows_training_passes_in_one_call(path: str, shape3: tuple[int, int, int
         assert done is not None and not np.isfinite(done[1][2])
         np.testing.assert_array_equal(rm, before[0])
         np.testing.assert_array_equal(rv, before[1])
+
+
+def test_threads_sets_and_restores() -> None:
+    import numba
+
+    before = numba.get_num_threads()
+    with backends.threads(1):
+        assert numba.get_num_threads() == 1
+        assert config.chunks(1 << 30, 1000) == 1  # one thread: one chunk, the serial build
+    assert numba.get_num_threads() == before
+    with pytest.raises(ValueError, match="positive"):
+        backends.threads(0)
+
+
+LAYER_CHILD = """
+import torch  # PyTorch's OpenMP pool first, as in a training script
+import numba, numpy as np
+from batchnorm.kernels.numba import config
+import batchnorm.kernels.numba as nb
+config.CHUNKS = 2
+nb.channel_stats(np.ones((64, 3, 1)))
+print(numba.threading_layer())
+"""
+
+
+@pytest.mark.parametrize("chosen", [None, "omp"])
+def test_threading_layer_is_workqueue_unless_the_user_chose(chosen: str | None) -> None:
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    if chosen:
+        env["NUMBA_THREADING_LAYER"] = chosen
+    out = subprocess.run(
+        [sys.executable, "-c", LAYER_CHILD], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == (chosen or "workqueue")

@@ -107,6 +107,64 @@ def resolve(name: str = "auto") -> str:
     return name
 
 
+def cache_info() -> dict[str, Any]:
+    """The compiled-kernel cache: directory, whether it exists and is writable, the kernels
+    and compiled entries in it, its size in bytes, and this process's loads and compilations.
+
+    ``{"implementation": "numba", ...}``; without numba ``{"implementation": None}``.
+    """
+    try:
+        from batchnorm.kernels.numba import cache
+    except ImportError:
+        return {"implementation": None}
+    return {"implementation": "numba", **cache.info()}
+
+
+def warm_up(dtypes: tuple[str, ...] = ("float32", "float64")) -> dict[str, Any]:
+    """Compile every kernel now (or load it from the cache), so no later call waits.
+
+    The first time on a machine this takes about a minute (every kernel, serial and
+    parallel, per dtype); afterwards, in any process, a second or so. Returns
+    :func:`cache_info`.
+    """
+    try:
+        from batchnorm.kernels import numba
+    except ImportError:
+        return cache_info()
+    numba.warm_up(tuple(dtypes))
+    return cache_info()
+
+
+class threads:
+    """Run the parallel kernels on ``n`` threads, from now on or inside a ``with`` block.
+
+    ``threads(4)`` sets the count (for the calling thread, as numba counts them; at most
+    numba's pool size); ``with threads(1): ...`` restores the previous count on exit. The
+    PyTorch drop-in calls it with ``torch.get_num_threads()``. Without numba it does
+    nothing.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.previous = _set_threads(n)
+
+    def __enter__(self) -> threads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            _set_threads(self.previous)
+
+
+def _set_threads(n: int) -> int | None:
+    if int(n) < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    try:
+        from batchnorm.kernels.numba import config
+    except ImportError:
+        return None
+    return config.set_threads(n)
+
+
 def get(name: str = "auto", dtype: Any = None) -> Kernels:
     """The kernels for ``name``; numpy's when that implementation cannot compute ``dtype``."""
     module = _load(resolve(name))

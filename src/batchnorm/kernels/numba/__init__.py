@@ -8,7 +8,8 @@ array; the package is split by what the kernels do:
 - :mod:`.segments`: long inner runs (NCHW), one contiguous segment at a time;
 - :mod:`.ops`: the two elementwise formulas both families' pass templates inline;
 - :mod:`.fused`: training passes that read x (and dy) from memory once;
-- :mod:`.plan`: rows or segments, chunks, and when fusing pays.
+- :mod:`.plan`: rows or segments, chunks, and when fusing pays;
+- :mod:`.cache`: compiled kernels kept on disk, safe with many processes at once.
 
 Statistics are exact and stable (two-pass blocks merged with Chan's formula); everything
 accumulates in float64, and the elementwise passes compute in float64 and round once to
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchnorm.kernels.numba import config, fused, ops, plan, rows, segments
+from batchnorm.kernels.numba import cache, config, fused, ops, plan, rows, segments
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -174,3 +175,31 @@ def fused_backward(
     else:
         fused.segments_backward(*args, group, chunks)
     return dx3, sum_dy, sum_dy_xmu
+
+
+def warm_up(dtypes: tuple[str, ...] = ("float32", "float64")) -> dict[str, object]:
+    """Compile (or load from the cache) every kernel, serial and parallel, for ``dtypes``.
+
+    Tiny arrays through every path: rows and segments, fused and not, one chunk and two.
+    Returns :func:`.cache.info` afterwards.
+    """
+    saved = {k: getattr(config, k) for k in ("CHUNKS", "FUSE_RUN_BYTES", "FUSE_MIN_RUN_BYTES")}
+    try:
+        config.FUSE_RUN_BYTES, config.FUSE_MIN_RUN_BYTES = 64, 8  # tiny arrays fuse too
+        for chunks in (1, 2):
+            config.CHUNKS = chunks
+            for dtype in dtypes:
+                for shape in ((8, 2, 1), (4, 2, 32)):  # rows, segments
+                    x = np.linspace(0.0, 1.0, int(np.prod(shape)), dtype=dtype).reshape(shape)
+                    mean, m2 = channel_stats(x)
+                    ones = np.ones(shape[1])
+                    normalize(x, mean, ones, ones)
+                    grad_sums(x, x, mean)
+                    grad_input(x, x, mean, ones, ones, ones)
+                    for running in (None, np.ones(shape[1], dtype)):
+                        fused_forward(x, None, None, 1e-5, running, running, 0.1)
+                    fused_backward(x, x, mean, ones, None, shape[0] * shape[2])
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+    return cache.info()

@@ -7,11 +7,21 @@ ZeroDivisionError checks from the loops.
 
 Tuning constants are module attributes read at call time, so tests can force every path
 (``monkeypatch.setattr(config, "CHUNKS", 3)``).
+
+Threads: numba's default threading layer here is OpenMP, a libgomp of its own beside
+PyTorch's; with the default wait policy each pool's idle threads spin for milliseconds on
+the cores the other pool needs next (benchmarks/threads.py measured 5 ms of CPU burned per
+20 ms of idle after each of our calls). Unless the user chose a layer
+(``NUMBA_THREADING_LAYER``), this package selects ``workqueue``, whose idle threads sleep
+(0.05 ms burned), before numba starts its pool. Workqueue refuses concurrent launches, so
+parallel kernels run under one lock (serial ones do not take it).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import threading
 from typing import Any
 
 import numba
@@ -19,6 +29,13 @@ import numpy as np
 from numba import njit
 
 from batchnorm import math
+from batchnorm.kernels.numba.cache import cached
+
+if "NUMBA_THREADING_LAYER" not in os.environ and not getattr(
+    numba.np.ufunc.parallel, "_is_initialized", True
+):
+    numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
+_LAUNCH = threading.Lock()  # one parallel launch at a time (workqueue is not re-entrant)
 
 FASTMATH = {"reassoc", "contract", "nsz"}  # never nnan/ninf: NaN must propagate
 FLAGS: dict[str, Any] = {
@@ -71,18 +88,30 @@ grad_coefficients = jit(math.grad_coefficients)
 class Kernel:
     """One kernel body compiled on first use as serial and as parallel (prange) code.
 
-    The body takes an argument named ``chunks``: chunk t of ``chunks`` covers work units
+    Both builds are kept in the on-disk cache (:mod:`.cache`), per signature. The body
+    takes an argument named ``chunks``: chunk t of ``chunks`` covers work units
     ``[units * t // chunks, units * (t + 1) // chunks)``; one chunk runs the serial build.
     """
 
     def __init__(self, body: Any) -> None:
         self.__name__ = body.__name__
         self.chunks_at = list(inspect.signature(body).parameters).index("chunks")
-        self.serial = njit(**FLAGS)(body)
-        self.parallel = njit(**PARALLEL_FLAGS)(body)
+        self.serial = cached(njit(**FLAGS)(body))
+        self.parallel = cached(njit(**PARALLEL_FLAGS)(body))
 
     def __call__(self, *args: Any) -> Any:
-        return (self.serial if args[self.chunks_at] == 1 else self.parallel)(*args)
+        if args[self.chunks_at] == 1:
+            return self.serial(*args)
+        with _LAUNCH:
+            return self.parallel(*args)
+
+
+def set_threads(n: int) -> int:
+    """Use ``n`` threads (clamped to numba's pool) in this thread; returns the previous count."""
+    previous = numba.get_num_threads()
+    pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(int(n), pool)))
+    return int(previous)
 
 
 def chunks(size: int, units: int) -> int:

@@ -1,7 +1,11 @@
 """The formulas kernels inline: two elementwise ones and the per-channel arithmetic.
 
-Elementwise ``op(x, dy, mean, p, q, r)``: each pass reads only what its formula uses (LLVM
-drops the unused loads), so one pass template serves both without a cost. The per-channel
+Elementwise ``op(x, dy, mean, p, q, r)``: the rows and segments pass templates take a
+``kind`` (NORMALIZE or GRAD_INPUT, a compile-time constant of the generated kernel, so the
+branch in :func:`formula` folds away) and each pass reads only what its formula uses (LLVM
+drops the unused loads): one template serves both without a cost. ``kind`` is a number,
+not the function itself, so that numba's on-disk cache key (which hashes a closure's
+contents) is the same in every process. The per-channel
 arithmetic calls :mod:`batchnorm.math` (compiled in :mod:`.config`), so a training pass
 finishes in the same compiled call that reduced the data.
 """
@@ -11,11 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from batchnorm import math
-from batchnorm.kernels.numba.config import inverse_std, jit
+from batchnorm.kernels.numba.cache import cached
+from batchnorm.kernels.numba.config import FLAGS, inverse_std, jit
 
 running_stats = jit(math.running_stats)
+NORMALIZE, GRAD_INPUT = 0, 1
 
 
 @jit
@@ -30,6 +37,15 @@ def grad_input(x: Any, dy: Any, mean: Any, a: Any, b: Any, c: Any) -> Any:
     return a * dy + b * (x - mean) + c
 
 
+@njit(**FLAGS, inline="always")
+def formula(kind: int, x: Any, dy: Any, mean: Any, p: Any, q: Any, r: Any) -> Any:
+    """The elementwise formula ``kind`` stands for."""
+    if kind == NORMALIZE:
+        return normalize(x, dy, mean, p, q, r)
+    return grad_input(x, dy, mean, p, q, r)
+
+
+@cached  # called from Python as well as from kernels
 @jit
 def batch_coefficients(
     mean: Any,

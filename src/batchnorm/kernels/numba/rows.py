@@ -197,11 +197,11 @@ def _grad_sums(
     return fold_sums(sdy, channels, inner), fold_sums(sdx, channels, inner)
 
 
-def apply(op: Any) -> Any:
-    """Compiled ``out = op(x, dy, mean, p, q, r)`` over chunk t's rows, per-column vectors.
+def apply(kind: int) -> Any:
+    """Compiled ``out = formula(x, dy, mean, p, q, r)`` over chunk t's rows, per-column vectors.
 
-    One template for normalize and grad_input: ``op`` is a compiled scalar function that
-    numba inlines into the loop, so each pass runs as if written out.
+    One template for normalize and grad_input (``kind``, see :mod:`.ops`), each compiled as
+    if written out.
     """
 
     def chunk(
@@ -212,18 +212,17 @@ def apply(op: Any) -> Any:
             base = U(row * width)
             for j in range(width):
                 i = base + U(j)
-                out[i] = op(x[i], dy[i], m[j], p[j], q[j], r[j])
+                out[i] = ops.formula(kind, x[i], dy[i], m[j], p[j], q[j], r[j])
 
-    chunk.__name__ = f"rows_{op.__name__}"
     return jit(chunk)
 
 
-normalize_chunk = apply(ops.normalize)
-grad_input_chunk = apply(ops.grad_input)
+normalize_chunk = apply(ops.NORMALIZE)
+grad_input_chunk = apply(ops.GRAD_INPUT)
 
 
-def elementwise(chunk: Any) -> Kernel:
-    """The rows pass of ``chunk`` (from :func:`apply`) with per-channel mean, p, q, r."""
+def elementwise(kind: int) -> Kernel:
+    """The rows pass of formula ``kind`` with per-channel mean, p, q, r."""
 
     def body(
         x: Any,
@@ -243,13 +242,15 @@ def elementwise(chunk: Any) -> Kernel:
         qw = np.repeat(q, inner)
         rw = np.repeat(r, inner)
         for t in prange(chunks):
-            chunk(x, dy, m, pw, qw, rw, out, outer, t, chunks)
+            if kind == ops.NORMALIZE:
+                normalize_chunk(x, dy, m, pw, qw, rw, out, outer, t, chunks)
+            else:
+                grad_input_chunk(x, dy, m, pw, qw, rw, out, outer, t, chunks)
 
-    body.__name__ = f"{chunk.__name__}_pass"
     return Kernel(body)
 
 
 stats = Kernel(_stats)
 grad_sums = Kernel(_grad_sums)
-normalize = elementwise(normalize_chunk)
-grad_input = elementwise(grad_input_chunk)
+normalize = elementwise(ops.NORMALIZE)
+grad_input = elementwise(ops.GRAD_INPUT)

@@ -94,10 +94,10 @@ def _grad_sums(
     return sdy.sum(axis=0), sdx.sum(axis=0)
 
 
-def elementwise(op: Any) -> Kernel:
-    """The segments pass ``out = op(x, dy, mean, p, q, r)`` with per-channel mean, p, q, r.
+def elementwise(kind: int) -> Kernel:
+    """The segments pass ``out = formula(x, dy, mean, p, q, r)``, per-channel mean, p, q, r.
 
-    One template for normalize and grad_input (the formulas are in :mod:`.ops`).
+    One template for normalize and grad_input (``kind``, see :mod:`.ops`).
     """
 
     def body(
@@ -124,13 +124,12 @@ def elementwise(op: Any) -> Kernel:
                 base = U(k * inner)
                 for j in range(inner):
                     i = base + U(j)
-                    out[i] = op(x[i], dy[i], mc, pc, qc, rc)
+                    out[i] = ops.formula(kind, x[i], dy[i], mc, pc, qc, rc)
 
-    body.__name__ = f"segments_{op.__name__}"
     return Kernel(body)
 
 
 stats = Kernel(_stats)
 grad_sums = Kernel(_grad_sums)
-normalize = elementwise(ops.normalize)
-grad_input = elementwise(ops.grad_input)
+normalize = elementwise(ops.NORMALIZE)
+grad_input = elementwise(ops.GRAD_INPUT)
