@@ -18,6 +18,7 @@ import numpy as np
 
 NAMES = ("numpy", "numba")
 _loaded: dict[str, Kernels] = {}
+_fastest: list[str] = []
 
 
 class Kernels(Protocol):
@@ -94,7 +95,11 @@ def resolve(name: str = "auto") -> str:
         if forced and forced != "auto":
             name = forced
         else:
-            return "numba" if "numba" in available() else "numpy"
+            if not _fastest:  # found once: what is installed does not change in a process
+                _fastest.append("numba" if "numba" in available() else "numpy")
+            return _fastest[0]
+    elif name in _loaded:
+        return name  # already imported: nothing to check
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {NAMES}")
     try:
