@@ -188,6 +188,22 @@ def test_empty_batch_and_float16_routing() -> None:
     assert backends.get("numba", np.float32) is nb
 
 
+def _check_fused_backward(
+    dy: np.ndarray, x: np.ndarray, mean: np.ndarray, rstd: np.ndarray, w: np.ndarray, count: int
+) -> None:
+    """fused_backward against the numpy passes with the coefficients written out here."""
+    back = nb.fused_backward(dy, x, mean, rstd, w, count)
+    assert back is not None
+    dx, sum_dy, sum_dy_xmu = back
+    sum_dy0, sum_dy_xmu0 = npb.grad_sums(dy, x, mean)
+    np.testing.assert_allclose(sum_dy, sum_dy0, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sum_dy_xmu, sum_dy_xmu0, rtol=1e-10, atol=1e-10)
+    a = w * rstd
+    dx0 = npb.grad_input(dy, x, mean, a, -a * rstd**2 * sum_dy_xmu0 / count, -a * sum_dy0 / count)
+    assert dx.dtype == x.dtype
+    np.testing.assert_allclose(dx, dx0, **TOL[x.dtype.type])
+
+
 @pytest.mark.parametrize(
     "shape3",
     [
@@ -221,18 +237,7 @@ def test_fused_helpers_match_the_public_passes(
         assert y.dtype == x.dtype
         np.testing.assert_allclose(y, nb.normalize(x, mean0, rstd * w, b), **TOL[dtype])
 
-        back = nb.fused_backward(dy, x, mean0, rstd, w, count)
-        assert back is not None
-        dx, sum_dy, sum_dy_xmu = back
-        sum_dy0, sum_dy_xmu0 = nb.grad_sums(dy, x, mean0)
-        np.testing.assert_allclose(sum_dy, sum_dy0, rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(sum_dy_xmu, sum_dy_xmu0, rtol=1e-10, atol=1e-10)
-        a = w * rstd
-        dx0 = nb.grad_input(
-            dy, x, mean0, a, -a * rstd**2 * sum_dy_xmu0 / count, -a * sum_dy0 / count
-        )
-        assert dx.dtype == x.dtype
-        np.testing.assert_allclose(dx, dx0, **TOL[dtype])
+        _check_fused_backward(dy, x, mean0, rstd, w, count)
 
 
 def test_fused_helpers_decline_where_they_would_not_gain(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -292,17 +297,7 @@ def test_rows_training_passes_in_one_call(path: str, shape3: tuple[int, int, int
         want_var = (1 - momentum) * rv0 + momentum * m20 / (count - 1)
         np.testing.assert_allclose(rv, want_var, **TOL[dtype])
 
-        back = nb.fused_backward(dy, x, mean0, rstd0, w, count)
-        assert back is not None
-        dx, sum_dy, sum_dy_xmu = back
-        sum_dy0, sum_dy_xmu0 = npb.grad_sums(dy, x, mean0)
-        np.testing.assert_allclose(sum_dy, sum_dy0, rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(sum_dy_xmu, sum_dy_xmu0, rtol=1e-10, atol=1e-10)
-        a = w * rstd0
-        dx0 = npb.grad_input(
-            dy, x, mean0, a, -a * rstd0**2 * sum_dy_xmu0 / count, -a * sum_dy0 / count
-        )
-        np.testing.assert_allclose(dx, dx0, **TOL[dtype])
+        _check_fused_backward(dy, x, mean0, rstd0, w, count)
 
         # NaN in one channel: nothing written to either buffer
         x[1, 2, 0] = np.nan
