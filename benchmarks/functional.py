@@ -7,7 +7,7 @@ NumPy module ``BatchNorm{1,2}d`` forward + backward. PyTorch: ``F.batch_norm`` w
 ``requires_grad`` inputs + ``torch.autograd.grad`` (what a PyTorch user calls). Nothing in
 the environment is changed (no OMP_WAIT_POLICY): this is the default a user gets. The
 contenders run round by round in a shuffled order after a warm-up; the table gives medians
-in microseconds and torch/ours.
+(or, with ``--min``, minima) in microseconds and torch/ours.
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def contenders(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Callable[[]
     return {"ours": ours, "module": module, "torch": torch_fn}
 
 
-def measure(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def measure(
+    fns: dict[str, Callable[[], object]], repeats: int, stat: Callable[[list[float]], float]
+) -> dict[str, float]:
     for fn in fns.values():
         for _ in range(3):
             fn()
@@ -79,7 +81,7 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+    return {k: stat(v) * 1e6 for k, v in times.items()}
 
 
 def main() -> None:
@@ -87,6 +89,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--min", action="store_true", help="minima instead of medians (steadier on a busy machine)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if hasattr(bn.kernels, "threads"):
@@ -102,7 +107,7 @@ def main() -> None:
     )
     for shape in CASES:
         repeats = int(np.clip(args.repeats * 200_000 // np.prod(shape), 20, args.repeats * 10))
-        t = measure(contenders(shape, dtype), repeats)
+        t = measure(contenders(shape, dtype), repeats, min if args.min else statistics.median)
         print(
             f"{'x'.join(map(str, shape)):>18} {t['ours']:9.1f} {t['module']:9.1f}"
             f" {t['torch']:9.1f} {t['torch'] / t['ours']:10.2f} {t['module'] - t['ours']:11.1f}"
