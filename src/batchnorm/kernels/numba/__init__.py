@@ -7,7 +7,7 @@ array; the package is split by what the kernels do:
 - :mod:`.rows`: short inner runs (channels-last, 2-D), vectorized along rows;
 - :mod:`.segments`: long inner runs (NCHW), one contiguous segment at a time;
 - :mod:`.ops`: the two elementwise formulas both families' pass templates inline;
-- :mod:`.fused`: training passes that read x (and dy) from memory once;
+- :mod:`.fused`: training passes in one compiled call (rows; segments: x read once);
 - :mod:`.plan`: rows or segments, chunks, and when fusing pays;
 - :mod:`.cache`: compiled kernels kept on disk, safe with many processes at once.
 
@@ -44,7 +44,7 @@ def channel_stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     outer, channels, inner = x3.shape
     x = x3.reshape(-1)
     if plan.use_rows(x3):
-        block = max(config.ROWS_BLOCK_MIN, config.BLOCK // max(1, channels * inner))
+        block = plan.rows_block(x3)
         return rows.stats(x, outer, channels, inner, block, plan.chunks(x3))  # type: ignore[no-any-return]
     return segments.stats(x, outer, channels, inner, config.BLOCK, plan.chunks(x3))  # type: ignore[no-any-return]
 
@@ -121,7 +121,7 @@ def fused_forward(
     y3 = np.empty_like(x3)
     mean, m2, rstd = np.empty(channels), np.empty(channels), np.empty(channels)
     if rows_layout:
-        block = max(config.ROWS_BLOCK_MIN, config.BLOCK // max(1, channels * inner))
+        block = plan.rows_block(x3)
         ok = fused.rows_forward(
             x, w, b, float(eps), rm, rv, float(momentum), y3.reshape(-1), mean, m2, rstd,
             outer, channels, inner, block, chunks,
