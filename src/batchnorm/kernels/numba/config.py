@@ -36,6 +36,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ and not getattr(
 ):
     numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
 _LAUNCH = threading.Lock()  # one parallel launch at a time (workqueue is not re-entrant)
+_POOL: list[int] = []  # non-empty once numba's thread pool is started
 
 FASTMATH = {"reassoc", "contract", "nsz"}  # never nnan/ninf: NaN must propagate
 FLAGS: dict[str, Any] = {
@@ -103,6 +104,8 @@ class Kernel:
         if args[self.chunks_at] == 1:
             return self.serial(*args)
         with _LAUNCH:
+            if not _POOL:  # a build loaded from the cache does not start numba's pool itself
+                _POOL.append(numba.get_num_threads())  # starts it
             return self.parallel(*args)
 
 
