@@ -95,21 +95,45 @@ def test_batch_norm_updates_running_stats_in_place(rng):
     np.testing.assert_allclose(y, (x - rm) / np.sqrt(rv))
 
 
+def _against_torch(x, axis, backend, rng):
+    """Training fwd+bwd of x (any strides) against PyTorch float64; returns (y, dx)."""
+    channels = x.shape[axis]
+    dy = rng.standard_normal(x.shape).astype(x.dtype)
+    w = (rng.standard_normal(channels) + 1).astype(x.dtype)
+    b = rng.standard_normal(channels).astype(x.dtype)
+    expected = _torch_bn(
+        x.astype(np.float64), dy.astype(np.float64), w, b, None, None, True, 0.1, 1e-5, axis,
+        np.float64,
+    )  # fmt: skip
+    y, cache = F.batch_norm_forward(x, w, b, axis=axis, backend=backend)
+    dx, _, _ = F.batch_norm_backward(dy, cache)
+    tol = TOL[x.dtype.type] * 5
+    np.testing.assert_allclose(y, expected["y"], atol=tol, rtol=tol)
+    np.testing.assert_allclose(dx, expected["dx"], atol=tol, rtol=tol)
+    return y, dx, cache
+
+
 def test_keeps_channels_last_memory_layout(backend, rng):
     x = np.moveaxis(rng.standard_normal((2, 5, 6, 4)).astype(np.float32), -1, 1)  # NCHW view
     assert not x.flags.c_contiguous
-    y, cache = F.batch_norm_forward(x, None, None, backend=backend)
+    y, dx, cache = _against_torch(x, 1, backend, rng)
     assert cache.layout.channels_last
     assert np.shares_memory(cache.x3, x)  # no copy of the input
-    assert y.strides == x.strides
-    expected = F.batch_norm(np.ascontiguousarray(x), None, None, training=True)
-    np.testing.assert_allclose(y, expected, atol=1e-6)
+    assert y.strides == x.strides and dx.strides == x.strides
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 4), 1), ((5, 3, 4, 2), 1), ((4, 2, 3), -1)])
+def test_keeps_fortran_order(shape, axis, backend, rng):
+    x = np.asfortranarray(rng.standard_normal(shape).astype(np.float32))
+    y, dx, cache = _against_torch(x, axis, backend, rng)
+    assert np.shares_memory(cache.x3, x)  # seen through its transpose, not copied
+    assert y.flags.f_contiguous and dx.flags.f_contiguous
 
 
 def test_strided_input_is_accepted(backend, rng):
     x = rng.standard_normal((6, 4, 10))[:, :, ::3]
-    y = F.batch_norm(x, None, None, training=True, backend=backend)
-    np.testing.assert_allclose(y, F.batch_norm(x.copy(), None, None, training=True), atol=1e-12)
+    y, dx, _ = _against_torch(x, 1, backend, rng)
+    assert y.flags.c_contiguous and dx.flags.c_contiguous  # other strides: C order
 
 
 @pytest.mark.parametrize("shape,axis", [((5, 3), 1), ((3, 2, 4), 1), ((4, 3, 2), -1)])
@@ -182,8 +206,9 @@ def _batches(draw):
 @settings(max_examples=40, deadline=None)
 @given(x=_batches(), shift=st.floats(-50, 50), scale=st.floats(0.5, 20))
 def test_invariant_to_channel_shift_and_positive_scale(x, shift, scale):
-    y = F.batch_norm(x, None, None, training=True, eps=0.0)
-    y2 = F.batch_norm(x * scale + shift, None, None, training=True, eps=0.0)
+    eps = 1e-300  # eps must be positive in training (as in PyTorch); this one is negligible
+    y = F.batch_norm(x, None, None, training=True, eps=eps)
+    y2 = F.batch_norm(x * scale + shift, None, None, training=True, eps=eps)
     np.testing.assert_allclose(y2, y, atol=1e-7)
 
 
@@ -309,3 +334,69 @@ def test_fused_training_passes_match_torch(dtype, rng, monkeypatch):
     for ours, key in ((y, "y"), (dx, "dx"), (dw, "dw"), (db, "db"), (rm, "rm"), (rv, "rv")):
         scale = max(1.0, float(np.abs(expected[key]).max()))
         np.testing.assert_allclose(ours, expected[key], atol=tol * scale, rtol=tol)
+
+
+# -- the NumPy API's contract where PyTorch has a rule -----------------------------------
+
+
+def test_eps_must_be_positive_in_training_as_in_torch():
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    for eps in (0.0, -1e-5):
+        with pytest.raises(ValueError, match="eps must be positive"):
+            torch.nn.functional.batch_norm(torch.from_numpy(x), None, None, training=True, eps=eps)
+        with pytest.raises(ValueError, match="eps must be positive in training"):
+            F.batch_norm(x, None, None, training=True, eps=eps)
+
+
+def test_running_stats_must_be_arrays_updated_all_or_nothing(backend):
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    with pytest.raises(TypeError, match="running_mean must be a NumPy array.*got list"):
+        F.batch_norm(x, [0.0] * 3, np.ones(3), training=True, backend=backend)
+    rm, rv = np.zeros(3), np.ones(3)
+    rv.flags.writeable = False
+    with pytest.raises(ValueError, match="running_var is read-only"):
+        F.batch_norm(x, rm, rv, training=True, backend=backend)
+    np.testing.assert_array_equal(rm, 0.0)  # nothing written before the refusal
+    y = F.batch_norm(x, rm, rv, training=False, backend=backend)  # eval only reads them
+    np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5))
+
+
+def test_functional_momentum_none_is_a_clear_error():
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    with pytest.raises(TypeError, match="momentum must be a number.*num_batches_tracked"):
+        F.batch_norm(x, np.zeros(3), np.ones(3), training=True, momentum=None)
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e200, 1e300])
+def test_huge_finite_data_matches_torch(scale, backend, rng):
+    """Squared deviations overflow: PyTorch gives y = bias (rstd 0); so do we, no error."""
+    x = rng.standard_normal((16, 3)) * scale
+    rm, rv = np.zeros(3), np.ones(3)
+    expected = _torch_bn(
+        x, np.ones_like(x), None, None, rm.copy(), rv.copy(), True, 0.1, 1e-5, 1, np.float64
+    )
+    y = F.batch_norm(x, rm, rv, training=True, backend=backend)
+    np.testing.assert_array_equal(y, expected["y"])
+    np.testing.assert_allclose(rm, expected["rm"], rtol=1e-12)
+    np.testing.assert_array_equal(rv, expected["rv"])  # inf, as PyTorch stores it
+
+
+def test_cache_reads_x_at_backward_whatever_its_strides(backend, rng):
+    """The documented rule: x is held by reference, contiguous or strided alike."""
+    base = rng.standard_normal((6, 4, 10))
+    dy = rng.standard_normal((6, 4, 5))
+    results = []
+    for x in (np.ascontiguousarray(base[:, :, ::2]), base.copy()[:, :, ::2]):
+        _, cache = F.batch_norm_forward(x, None, None, backend=backend)
+        x *= 3.0  # changed in place between forward and backward
+        results.append(F.batch_norm_backward(dy, cache)[0])
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+def test_big_endian_input_is_converted(backend, rng):
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    y, cache = F.batch_norm_forward(x.astype(">f4"), None, None, backend=backend)
+    assert y.dtype == np.float32 and y.dtype.isnative
+    np.testing.assert_array_equal(y, F.batch_norm_forward(x, None, None, backend=backend)[0])
+    dx, _, _ = F.batch_norm_backward(np.ones((8, 3), ">f4"), cache)
+    assert dx.dtype == np.float32

@@ -134,6 +134,25 @@ def test_load_state_dict_errors_name_the_key_and_change_nothing():
         layer.load_state_dict({**good, "num_batches_tracked": np.array(1.5)})
 
 
+def test_checkpoint_without_num_batches_tracked_loads_as_in_torch(rng):
+    theirs = torch.nn.BatchNorm1d(3)
+    theirs(torch.randn(8, 3))  # one batch counted
+    old = {k: v.clone() for k, v in theirs.state_dict().items() if k != "num_batches_tracked"}
+    old["running_mean"] += 1.0
+    theirs.load_state_dict(old)  # PyTorch accepts a plain dict from before the buffer
+    ours = bn.BatchNorm1d(3)
+    ours(rng.standard_normal((8, 3)).astype(np.float32))
+    ours.load_state_dict(old)
+    for key, value in theirs.state_dict().items():
+        np.testing.assert_array_equal(ours.state_dict()[key], value.numpy())
+    assert int(ours.num_batches_tracked) == 1  # kept, as PyTorch keeps its own
+
+
+def test_misspelled_backend_is_refused_by_the_constructor():
+    with pytest.raises(ValueError, match="unknown backend 'numab'"):
+        bn.BatchNorm2d(4, backend="numab")
+
+
 def test_npz_with_objects_is_refused(tmp_path):
     path = tmp_path / "evil.npz"
     np.savez(path, weight=np.array([{"a": 1}], dtype=object))

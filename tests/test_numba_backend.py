@@ -19,6 +19,7 @@ from batchnorm import functional as F  # noqa: E402
 from batchnorm import kernels as backends  # noqa: E402
 from batchnorm.kernels import numba as nb  # noqa: E402
 from batchnorm.kernels import numpy as npb  # noqa: E402
+from batchnorm.kernels.numba import config, plan  # noqa: E402
 
 # (outer, C, inner): rows kernels for inner < ROWS_MAX_INNER, segments kernels otherwise
 SHAPES3 = [
@@ -36,10 +37,10 @@ TOL = {np.float32: {"rtol": 2e-6, "atol": 2e-6}, np.float64: {"rtol": 1e-12, "at
 @pytest.fixture(params=["serial", "parallel"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "parallel":
-        monkeypatch.setattr(nb, "PARALLEL_MIN", 0)
-        monkeypatch.setattr(nb, "CHUNKS", 3)
-        monkeypatch.setattr(nb, "BLOCK", 7)
-        monkeypatch.setattr(nb, "ROWS_BLOCK_MIN", 2)
+        monkeypatch.setattr(config, "PARALLEL_MIN", 0)
+        monkeypatch.setattr(config, "CHUNKS", 3)
+        monkeypatch.setattr(config, "BLOCK", 7)
+        monkeypatch.setattr(config, "ROWS_BLOCK_MIN", 2)
     return str(request.param)
 
 
@@ -55,9 +56,9 @@ def _data(shape: tuple[int, ...], dtype: Any, seed: int = 0) -> tuple[np.ndarray
 
 
 def test_path_switches() -> None:
-    assert nb._rows(np.empty((4, 3, 1)))
-    assert not nb._rows(np.empty((4, 3, nb.ROWS_MAX_INNER)))
-    assert nb._chunks(10, 10) == 1  # small arrays: one chunk, the serial build
+    assert plan.use_rows(np.empty((4, 3, 1)))
+    assert not plan.use_rows(np.empty((4, 3, config.ROWS_MAX_INNER)))
+    assert config.chunks(10, 10) == 1  # small arrays: one chunk, the serial build
 
 
 @pytest.mark.parametrize("shape3", SHAPES3, ids=str)
@@ -187,6 +188,22 @@ def test_empty_batch_and_float16_routing() -> None:
     assert backends.get("numba", np.float32) is nb
 
 
+def _check_fused_backward(
+    dy: np.ndarray, x: np.ndarray, mean: np.ndarray, rstd: np.ndarray, w: np.ndarray, count: int
+) -> None:
+    """fused_backward against the numpy passes with the coefficients written out here."""
+    back = nb.fused_backward(dy, x, mean, rstd, w, count)
+    assert back is not None
+    dx, sum_dy, sum_dy_xmu = back
+    sum_dy0, sum_dy_xmu0 = npb.grad_sums(dy, x, mean)
+    np.testing.assert_allclose(sum_dy, sum_dy0, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sum_dy_xmu, sum_dy_xmu0, rtol=1e-10, atol=1e-10)
+    a = w * rstd
+    dx0 = npb.grad_input(dy, x, mean, a, -a * rstd**2 * sum_dy_xmu0 / count, -a * sum_dy0 / count)
+    assert dx.dtype == x.dtype
+    np.testing.assert_allclose(dx, dx0, **TOL[x.dtype.type])
+
+
 @pytest.mark.parametrize(
     "shape3",
     [
@@ -199,8 +216,8 @@ def test_fused_helpers_match_the_public_passes(
     path: str, shape3: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # small runs, so that these small arrays make groups enough for three chunks
-    monkeypatch.setattr(nb, "FUSE_RUN_BYTES", 600)
-    monkeypatch.setattr(nb, "FUSE_MIN_RUN_BYTES", 300)
+    monkeypatch.setattr(config, "FUSE_RUN_BYTES", 600)
+    monkeypatch.setattr(config, "FUSE_MIN_RUN_BYTES", 300)
     eps = 1e-5
     for dtype in _dtypes(path):
         x, dy = _data(shape3, dtype)
@@ -211,50 +228,38 @@ def test_fused_helpers_match_the_public_passes(
         b = rng.standard_normal(channels)
         fused = nb.fused_forward(x, w, b, eps)
         assert fused is not None
-        y, mean, m2 = fused
+        y, mean, m2, rstd_fused = fused
         mean0, m20 = nb.channel_stats(x)
         np.testing.assert_allclose(mean, mean0, rtol=1e-12)
         np.testing.assert_allclose(m2, m20, rtol=1e-10)
         rstd = 1.0 / np.sqrt(m20 / count + eps)
+        np.testing.assert_allclose(rstd_fused, rstd, rtol=1e-10)
         assert y.dtype == x.dtype
         np.testing.assert_allclose(y, nb.normalize(x, mean0, rstd * w, b), **TOL[dtype])
 
-        back = nb.fused_backward(dy, x, mean0, rstd, w, count)
-        assert back is not None
-        dx, sum_dy, sum_dy_xmu = back
-        sum_dy0, sum_dy_xmu0 = nb.grad_sums(dy, x, mean0)
-        np.testing.assert_allclose(sum_dy, sum_dy0, rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(sum_dy_xmu, sum_dy_xmu0, rtol=1e-10, atol=1e-10)
-        a = w * rstd
-        dx0 = nb.grad_input(
-            dy, x, mean0, a, -a * rstd**2 * sum_dy_xmu0 / count, -a * sum_dy0 / count
-        )
-        assert dx.dtype == x.dtype
-        np.testing.assert_allclose(dx, dx0, **TOL[dtype])
+        _check_fused_backward(dy, x, mean0, rstd, w, count)
 
 
 def test_fused_helpers_decline_where_they_would_not_gain(monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = np.zeros((64, 8, 1), np.float32)  # channels-last: no channel is contiguous
     short = np.zeros((4, 8, 49), np.float32)  # all 8 channels make a run of 1.5 KiB only
-    for x in (rows, short):
-        assert nb.fused_forward(x, None, None, 1e-5) is None
-        assert nb.fused_backward(x, x, np.zeros(8), np.ones(8), None, 64) is None
-    monkeypatch.setattr(nb, "FUSE_MAX_BYTES", 8192)
-    assert nb._fusable(np.zeros((4, 8, 1024), np.float32), 1) == (0, 0)  # 16 KiB a channel
-    monkeypatch.setattr(nb, "CHUNKS", 2)
-    monkeypatch.setattr(nb, "FUSE_MAX_BYTES", 1 << 20)
+    assert nb.fused_forward(short, None, None, 1e-5) is None
+    assert nb.fused_backward(short, short, np.zeros(8), np.ones(8), None, 196) is None
+    monkeypatch.setattr(config, "FUSE_MAX_BYTES", 8192)
+    assert plan.fusable(np.zeros((4, 8, 1024), np.float32), 1) == (0, 0)  # 16 KiB a channel
+    monkeypatch.setattr(config, "CHUNKS", 2)
+    monkeypatch.setattr(config, "FUSE_MAX_BYTES", 1 << 20)
     lone = np.zeros((4, 1, 8192), np.float32)  # one channel would leave a thread idle
-    assert nb._fusable(lone, 1) == (0, 0)
-    assert nb._fusable(np.zeros((4, 3, 8192), np.float32), 1) == (2, 1)  # 2 + 1: fused
+    assert plan.fusable(lone, 1) == (0, 0)
+    assert plan.fusable(np.zeros((4, 3, 8192), np.float32), 1) == (2, 1)  # 2 + 1: fused
 
 
 def test_fused_group_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nb, "CHUNKS", 2)
-    monkeypatch.setattr(nb, "FUSE_RUN_BYTES", 16384)
-    monkeypatch.setattr(nb, "FUSE_MAX_BYTES", 4 << 20)
+    monkeypatch.setattr(config, "CHUNKS", 2)
+    monkeypatch.setattr(config, "FUSE_RUN_BYTES", 16384)
+    monkeypatch.setattr(config, "FUSE_MAX_BYTES", 4 << 20)
 
     def group(shape: tuple[int, int, int], arrays: int) -> int:
-        return nb._fusable(np.empty(shape, np.float32), arrays)[1]
+        return plan.fusable(np.empty(shape, np.float32), arrays)[1]
 
     assert group((32, 2048, 49), 2) == 83  # 7x7 maps: 83 channels make 16 KiB runs
     assert group((256, 2048, 49), 2) == 41  # ...fewer where dy and x would not fit 4 MiB
@@ -262,3 +267,82 @@ def test_fused_group_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert group((32, 64, 3136), 2) == 1  # 56x56 maps: one channel a run
     assert group((8, 3, 50176), 2) == 1  # 224x224 maps: one
     assert group((64, 3, 50176), 1) == 0  # 12 MiB a channel: not fused
+
+
+@pytest.mark.parametrize("shape3", [(50, 7, 1), (9, 4, 3)], ids=str)
+def test_rows_training_passes_in_one_call(path: str, shape3: tuple[int, int, int]) -> None:
+    """Rows layouts always take the one-call training passes; numbers as the public passes."""
+    eps, momentum = 1e-5, 0.3
+    for dtype in _dtypes(path):
+        x, dy = _data(shape3, dtype)
+        channels = shape3[1]
+        count = shape3[0] * shape3[2]
+        rng = np.random.default_rng(5)
+        w = 1.0 + 0.2 * rng.standard_normal(channels)
+        b = rng.standard_normal(channels)
+        rm = rng.standard_normal(channels).astype(dtype)
+        rv = (1.0 + rng.random(channels)).astype(dtype)
+        rm0, rv0 = rm.astype(np.float64), rv.astype(np.float64)
+        done = nb.fused_forward(x, w, b, eps, rm, rv, momentum)
+        assert done is not None
+        y, mean, m2, rstd = done
+        mean0, m20 = npb.channel_stats(x)
+        np.testing.assert_allclose(mean, mean0, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(m2, m20, rtol=1e-10)
+        rstd0 = 1.0 / np.sqrt(m20 / count + eps)
+        np.testing.assert_allclose(rstd, rstd0, rtol=1e-10)
+        np.testing.assert_allclose(y, npb.normalize(x, mean0, rstd0 * w, b), **TOL[dtype])
+        # running statistics by PyTorch's rule, written out here
+        np.testing.assert_allclose(rm, (1 - momentum) * rm0 + momentum * mean0, **TOL[dtype])
+        want_var = (1 - momentum) * rv0 + momentum * m20 / (count - 1)
+        np.testing.assert_allclose(rv, want_var, **TOL[dtype])
+
+        _check_fused_backward(dy, x, mean0, rstd0, w, count)
+
+        # NaN in one channel: nothing written to either buffer
+        x[1, 2, 0] = np.nan
+        before = rm.copy(), rv.copy()
+        done = nb.fused_forward(x, w, b, eps, rm, rv, momentum)
+        assert done is not None and not np.isfinite(done[1][2])
+        np.testing.assert_array_equal(rm, before[0])
+        np.testing.assert_array_equal(rv, before[1])
+
+
+def test_threads_sets_and_restores() -> None:
+    import numba
+
+    before = numba.get_num_threads()
+    with backends.threads(1):
+        assert numba.get_num_threads() == 1
+        assert config.chunks(1 << 30, 1000) == 1  # one thread: one chunk, the serial build
+    assert numba.get_num_threads() == before
+    with pytest.raises(ValueError, match="positive"):
+        backends.threads(0)
+
+
+LAYER_CHILD = """
+import torch  # PyTorch's OpenMP pool first, as in a training script
+import numba, numpy as np
+from batchnorm.kernels.numba import config
+import batchnorm.kernels.numba as nb
+config.CHUNKS = 2
+nb.channel_stats(np.ones((64, 3, 1)))
+print(numba.threading_layer())
+"""
+
+
+@pytest.mark.parametrize("chosen", [None, "omp"])
+def test_threading_layer_is_workqueue_unless_the_user_chose(chosen: str | None) -> None:
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    if chosen:
+        env["NUMBA_THREADING_LAYER"] = chosen
+    out = subprocess.run(
+        [sys.executable, "-c", LAYER_CHILD], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == (chosen or "workqueue")

@@ -55,10 +55,16 @@ class StatsSync(Protocol):
 
 @dataclass
 class BatchNormCache:
-    """What backward needs from forward. ``x3`` is the input itself, not a copy."""
+    """What backward needs from forward.
+
+    ``x`` and ``weight`` are the caller's arrays, held by reference (as PyTorch saves
+    tensors): backward reads them as they are then, whatever x's memory layout, so change
+    neither between a forward and its backward (PyTorch refuses such changes; this API
+    does not check).
+    """
 
     layout: Layout
-    x3: np.ndarray
+    x: np.ndarray
     mean: np.ndarray  # float64 (C,), the mean that was subtracted
     rstd: np.ndarray  # float64 (C,)
     weight: np.ndarray | None
@@ -68,10 +74,17 @@ class BatchNormCache:
     backend: str
     sync: StatsSync | None = None
 
+    @property
+    def x3(self) -> np.ndarray:
+        """x as the kernels see it, ``(outer, C, inner)`` (a view unless x is strided)."""
+        return self.layout.to3d(self.x, self.x.dtype)
+
 
 def _float_array(value: Any, name: str) -> np.ndarray:
     arr = np.asarray(value)
     if arr.dtype not in FLOAT_DTYPES:
+        if arr.dtype.kind == "f" and not arr.dtype.isnative and arr.dtype.itemsize <= 8:
+            return arr.astype(arr.dtype.newbyteorder("="))  # big-endian: native copy
         raise TypeError(
             f"{name} must be a floating-point array (float16, float32 or float64), "
             f"got dtype {arr.dtype}"
@@ -88,6 +101,36 @@ def _channel_vector(value: Any, name: str, channels: int) -> np.ndarray | None:
             f"{name} must have shape ({channels},) to match the input's channels, got {arr.shape}"
         )
     return arr
+
+
+def _running_buffer(value: Any, name: str, channels: int, updated: bool) -> np.ndarray | None:
+    """A running buffer: a float ndarray of shape (C,), writable when it will be updated."""
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray):
+        raise TypeError(
+            f"{name} must be a NumPy array (it is read, and in training updated in place), "
+            f"got {type(value).__name__}"
+        )
+    if value.dtype.kind != "f" or value.dtype.itemsize > 8:
+        raise TypeError(f"{name} must be a float16, float32 or float64 array, got {value.dtype}")
+    if value.shape != (channels,):
+        raise ValueError(
+            f"{name} must have shape ({channels},) to match the input's channels, got {value.shape}"
+        )
+    if updated and not value.flags.writeable:
+        raise ValueError(f"{name} is read-only, but training updates it in place")
+    return value
+
+
+def _check_finite(mean: np.ndarray) -> None:
+    """NaN or inf anywhere in a channel makes its mean non-finite (m2 may overflow alone)."""
+    if not np.isfinite(mean).all():
+        bad = np.flatnonzero(~np.isfinite(mean))
+        raise NonFiniteBatchError(
+            f"non-finite values (NaN or inf) in the training batch, channels "
+            f"{bad[:10].tolist()}; running statistics were left unchanged"
+        )
 
 
 def batch_norm_forward(
@@ -107,81 +150,92 @@ def batch_norm_forward(
     """Batch normalization that also returns what :func:`batch_norm_backward` needs.
 
     Args:
-        x: float16, float32 or float64 array with the channels on ``axis``.
+        x: float16, float32 or float64 array with the channels on ``axis`` (a non-native
+            byte order is converted to a native copy).
         weight, bias: per-channel scale (gamma) and shift (beta), or None for 1 and 0.
-        running_mean, running_var: per-channel buffers. In training they are updated in
-            place (``new = (1 - momentum) * old + momentum * batch``; running_var gets the
-            unbiased variance); in eval they are the statistics used.
+        running_mean, running_var: per-channel float ndarrays. In training they are updated
+            in place, both or neither (``new = (1 - momentum) * old + momentum * batch``;
+            running_var gets the unbiased variance); in eval they are the statistics used.
         training: normalize with this batch's statistics (True) or the running ones.
-        momentum: weight of the new batch in the running average.
-        eps: added to the variance for numerical stability.
+        momentum: weight of the new batch in the running average (a number; the modules
+            turn ``momentum=None`` into ``1 / (num_batches_tracked + 1)``).
+        eps: added to the variance for numerical stability; positive in training.
         axis: the channel (feature) axis: 1 for (N, C, ...), -1 for channels-last.
         backend: "auto", "numpy" or "numba".
         sync: combines statistics across processes (see :mod:`batchnorm.distributed`).
 
     Returns:
-        ``(y, cache)``: y has x's shape, dtype and memory layout.
+        ``(y, cache)``: y has x's shape and dtype, and its memory layout when x is
+        C-ordered, Fortran-ordered or channels-last (other strides give C order). The
+        cache holds x and weight by reference (see :class:`BatchNormCache`).
 
     Raises:
-        TypeError: x or a per-channel array is not floating point.
-        ValueError: bad shapes, a training batch with one value per channel, eval without
-            running statistics, or a non-finite value in a training batch (the running
-            statistics are left as they were).
+        TypeError: x or a per-channel array is not floating point, running statistics
+            that are not ndarrays, or a momentum that is not a number.
+        ValueError: bad shapes, a training batch with one value per channel, eps <= 0 in
+            training, eval without running statistics, read-only running statistics in
+            training, or a non-finite value in a training batch (NonFiniteBatchError; the
+            running statistics are left as they were).
     """
     x = _float_array(x, "input")
     layout = view(x, axis)
-    channels = x.shape[layout.axis]
+    channels = layout.shape[layout.axis]
     weight = _channel_vector(weight, "weight", channels)
     bias = _channel_vector(bias, "bias", channels)
-    running_mean = _channel_vector(running_mean, "running_mean", channels)
-    running_var = _channel_vector(running_var, "running_var", channels)
+    running_mean = _running_buffer(running_mean, "running_mean", channels, training)
+    running_var = _running_buffer(running_var, "running_var", channels, training)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
-    if eps < 0:
-        raise ValueError(f"eps must be non-negative, got {eps}")
+    if training and running_mean is not None and not isinstance(momentum, (int, float)):
+        raise TypeError(
+            f"momentum must be a number, got {momentum!r}; the cumulative average "
+            "(momentum=None in the modules) is momentum = 1 / (num_batches_tracked + 1)"
+        )
+    if not eps > 0 and (training or not eps == 0):
+        raise ValueError(f"eps must be positive in training (non-negative in eval), got {eps}")
     name = kernels.resolve(backend)
     impl = kernels.get(name, x.dtype)
     x3 = layout.to3d(x, x.dtype)
 
     count = x3.shape[0] * x3.shape[2]
-    fused_y3 = None
+    y3 = None
     if training:
-        done = impl.fused_forward(x3, weight, bias, eps) if sync is None and count > 1 else None
+        done = None
+        if sync is None and count > 1:
+            done = impl.fused_forward(x3, weight, bias, eps, running_mean, running_var, momentum)
         if done is not None:
-            fused_y3, mean, m2 = done
-        elif count:
-            mean, m2 = impl.channel_stats(x3)
+            y3, mean, _, rstd = done
+            _check_finite(mean)
         else:
-            mean, m2 = np.zeros(channels), np.zeros(channels)
-        if sync is not None:
-            count, mean, m2 = sync.merge_stats(count, mean, m2)
-        if count == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {x.shape}"
-            )
-        bad = ~(np.isfinite(mean) & np.isfinite(m2))
-        if bad.any():
-            raise NonFiniteBatchError(
-                f"non-finite values (NaN or inf) in the training batch, channels "
-                f"{np.flatnonzero(bad)[:10].tolist()}; running statistics were left unchanged"
-            )
-        var = m2 / count if count else np.ones(channels)
-        if running_mean is not None and running_var is not None and count > 0:
-            running_mean[...], running_var[...] = running_stats(
-                running_mean, running_var, mean, m2, count, momentum
-            )
+            mean, m2 = impl.channel_stats(x3) if count else (np.zeros(channels),) * 2
+            if sync is not None:
+                count, mean, m2 = sync.merge_stats(count, mean, m2)
+            if count == 1:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size "
+                    f"{x.shape}"
+                )
+            _check_finite(mean)
+            with np.errstate(over="ignore"):  # m2 of |x| above ~1e154: rstd 0, as PyTorch
+                rstd = inverse_std(m2 / count if count else np.ones(channels), eps)
+            if running_mean is not None and running_var is not None and count > 0:
+                new_mean, new_var = running_stats(
+                    running_mean, running_var, mean, m2, count, momentum
+                )
+                running_mean[...] = new_mean
+                running_var[...] = new_var
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
         mean = running_mean.astype(np.float64)
-        var = running_var.astype(np.float64)
+        rstd = inverse_std(running_var.astype(np.float64), eps)
 
-    rstd = inverse_std(var, eps)
-    scale = rstd if weight is None else rstd * weight
-    shift = np.zeros(channels) if bias is None else bias.astype(np.float64)
-    y3 = impl.normalize(x3, mean, scale, shift) if fused_y3 is None else fused_y3
+    if y3 is None:
+        scale = rstd if weight is None else rstd * weight
+        shift = np.zeros(channels) if bias is None else bias.astype(np.float64)
+        y3 = impl.normalize(x3, mean, scale, shift)
     cache = BatchNormCache(
-        layout, x3, mean, rstd, weight, bias is not None, bool(training), count, name, sync
+        layout, x, mean, rstd, weight, bias is not None, bool(training), count, name, sync
     )
     return layout.from3d(y3), cache
 
@@ -192,8 +246,8 @@ def batch_norm_backward(
     """Gradients of the loss with respect to x, weight and bias.
 
     Returns ``(dx, dweight, dbias)``; dweight (dbias) is None when forward had no weight
-    (bias). dx has x's shape and dtype; the parameter gradients are float64 sums over
-    this process's values only.
+    (bias). dx has x's shape, dtype and layout (as y); the parameter gradients are float64
+    sums over this process's values only.
     """
     dy = _float_array(dy, "grad_output")
     layout = cache.layout
@@ -205,10 +259,9 @@ def batch_norm_backward(
     dy3 = layout.to3d(dy, x3.dtype)
     impl = kernels.get(cache.backend, x3.dtype)
     channels = x3.shape[1]
-    w = np.ones(channels) if cache.weight is None else cache.weight.astype(np.float64)
     dx3 = None
     sum_dy = sum_dy_xmu = np.zeros(channels)
-    if cache.batch_stats and cache.sync is None and x3.size:  # one read of dy and x, where it pays
+    if cache.batch_stats and cache.sync is None and x3.size:  # one compiled call, where it pays
         done = impl.fused_backward(dy3, x3, cache.mean, cache.rstd, cache.weight, cache.count)
         if done is not None:
             dx3, sum_dy, sum_dy_xmu = done
@@ -221,6 +274,7 @@ def batch_norm_backward(
     dweight = sum_dy_xmu * cache.rstd if cache.weight is not None else None
     dbias = sum_dy.copy() if cache.has_bias else None
     if dx3 is None:
+        w = np.ones(channels) if cache.weight is None else cache.weight.astype(np.float64)
         if cache.batch_stats:
             if cache.sync is not None:
                 sum_dy, sum_dy_xmu = cache.sync.sum_grads(sum_dy, sum_dy_xmu)

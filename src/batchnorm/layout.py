@@ -2,9 +2,11 @@
 
 Channels are the middle axis. ``(N, C, H, W)`` is ``(N, C, H*W)``; an input whose channel axis
 is densest in memory (channels-last, ``axis=-1`` or a ``channels_last`` tensor) is
-``(N*H*W, C, 1)``; a 2-D ``(N, C)`` input is ``(N, C, 1)``. Kernels see only this view:
-NumPy arrays through :class:`Layout` (a C-contiguous array, copied when the strides are
-neither), torch tensors through :func:`tensor_view` (a strided view, never a copy).
+``(N*H*W, C, 1)``; a 2-D ``(N, C)`` input is ``(N, C, 1)``; a Fortran-ordered array is
+seen through its transpose (C-ordered, axes reversed). Kernels see only this view: NumPy arrays
+through :class:`Layout` (a C-contiguous array, copied when the strides are none of these, and
+outputs come back in the input's layout), torch tensors through :func:`tensor_view` (a strided
+view, never a copy).
 """
 
 from __future__ import annotations
@@ -23,8 +25,14 @@ class Layout:
     shape: tuple[int, ...]
     axis: int
     channels_last: bool  # True: the channel axis was moved to the end of memory order
+    fortran: bool = False  # True: seen through the transpose (Fortran order)
+
+    def _transposed(self) -> Layout:
+        return Layout(self.shape[::-1], len(self.shape) - 1 - self.axis, False)
 
     def to3d(self, a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        if self.fortran:
+            return self._transposed().to3d(a.T, dtype)
         channels = self.shape[self.axis]
         if self.channels_last:
             moved = np.moveaxis(a, self.axis, -1)
@@ -36,6 +44,8 @@ class Layout:
         return np.ascontiguousarray(a, dtype=dtype).reshape(outer, channels, inner)
 
     def from3d(self, a3: np.ndarray) -> np.ndarray:
+        if self.fortran:
+            return self._transposed().from3d(a3).T  # type: ignore[no-any-return]
         if self.channels_last:
             rest = self.shape[: self.axis] + self.shape[self.axis + 1 :]
             moved_shape = rest + (self.shape[self.axis],)
@@ -54,8 +64,11 @@ def view(x: np.ndarray, axis: int) -> Layout:
     axis %= x.ndim
     if x.shape[axis] == 0:
         raise ValueError(f"input of shape {x.shape} has no channels on axis {axis}")
-    channels_last = not x.flags.c_contiguous and np.moveaxis(x, axis, -1).flags.c_contiguous
-    return Layout(tuple(x.shape), axis, channels_last)
+    if x.flags.c_contiguous:
+        return Layout(x.shape, axis, False)
+    if np.moveaxis(x, axis, -1).flags.c_contiguous:
+        return Layout(x.shape, axis, True)
+    return Layout(x.shape, axis, False, fortran=x.flags.f_contiguous)
 
 
 # --- torch tensors: the same (outer, C, inner) picture as a strided view, never a copy ---------

@@ -18,6 +18,7 @@ import numpy as np
 
 NAMES = ("numpy", "numba")
 _loaded: dict[str, Kernels] = {}
+_fastest: list[str] = []
 
 
 class Kernels(Protocol):
@@ -38,12 +39,21 @@ class Kernels(Protocol):
         """``dx = a * dy + b * (x - mean) + c`` in x's dtype."""
 
     def fused_forward(
-        self, x3: Any, weight: Any | None, bias: Any | None, eps: float
-    ) -> tuple[Any, Any, Any] | None:
-        """Training forward reading x once: ``(y3, mean, m2)``, or None where it would not pay.
+        self,
+        x3: Any,
+        weight: Any | None,
+        bias: Any | None,
+        eps: float,
+        running_mean: Any | None = None,
+        running_var: Any | None = None,
+        momentum: float = 0.0,
+    ) -> tuple[Any, Any, Any, Any] | None:
+        """Training forward in one call: ``(y3, mean, m2, rstd)``, or None where it would not pay.
 
         The same numbers as ``channel_stats`` then ``normalize`` with
-        ``scale = weight * inverse_std(m2 / count, eps)`` and ``shift = bias``.
+        ``rstd = inverse_std(m2 / count, eps)``, ``scale = weight * rstd``, ``shift = bias``.
+        The running buffers, when given, get :func:`batchnorm.math.running_stats` in place
+        only if every channel's mean is finite (the caller then reports the batch).
         """
 
     def fused_backward(
@@ -52,7 +62,7 @@ class Kernels(Protocol):
         """Training backward reading dy and x once: ``(dx3, sum_dy, sum_dy_xmu)``, or None.
 
         The same numbers as ``grad_sums`` then ``grad_input`` with the coefficients of
-        :func:`batchnorm.math.grad_coefficients`.
+        :func:`batchnorm.math.grad_coefficients` (batch statistics over ``count`` values).
         """
 
 
@@ -85,7 +95,11 @@ def resolve(name: str = "auto") -> str:
         if forced and forced != "auto":
             name = forced
         else:
-            return "numba" if "numba" in available() else "numpy"
+            if not _fastest:  # found once: what is installed does not change in a process
+                _fastest.append("numba" if "numba" in available() else "numpy")
+            return _fastest[0]
+    elif name in _loaded:
+        return name  # already imported: nothing to check
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {NAMES}")
     try:
@@ -96,6 +110,64 @@ def resolve(name: str = "auto") -> str:
             "(pip install 'batchnorm[fast]') or use backend='numpy'"
         ) from exc
     return name
+
+
+def cache_info() -> dict[str, Any]:
+    """The compiled-kernel cache: directory, whether it exists and is writable, the kernels
+    and compiled entries in it, its size in bytes, and this process's loads and compilations.
+
+    ``{"implementation": "numba", ...}``; without numba ``{"implementation": None}``.
+    """
+    try:
+        from batchnorm.kernels.numba import cache
+    except ImportError:
+        return {"implementation": None}
+    return {"implementation": "numba", **cache.info()}
+
+
+def warm_up(dtypes: tuple[str, ...] = ("float32", "float64")) -> dict[str, Any]:
+    """Compile every kernel now (or load it from the cache), so no later call waits.
+
+    The first time on a machine this takes about a minute (every kernel, serial and
+    parallel, per dtype); afterwards, in any process, a second or so. Returns
+    :func:`cache_info`.
+    """
+    try:
+        from batchnorm.kernels import numba
+    except ImportError:
+        return cache_info()
+    numba.warm_up(tuple(dtypes))
+    return cache_info()
+
+
+class threads:
+    """Run the parallel kernels on ``n`` threads, from now on or inside a ``with`` block.
+
+    ``threads(4)`` sets the count (for the calling thread, as numba counts them; at most
+    numba's pool size); ``with threads(1): ...`` restores the previous count on exit. The
+    PyTorch drop-in calls it with ``torch.get_num_threads()``. Without numba it does
+    nothing.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.previous = _set_threads(n)
+
+    def __enter__(self) -> threads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            _set_threads(self.previous)
+
+
+def _set_threads(n: int) -> int | None:
+    if int(n) < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    try:
+        from batchnorm.kernels.numba import config
+    except ImportError:
+        return None
+    return config.set_threads(n)
 
 
 def get(name: str = "auto", dtype: Any = None) -> Kernels:

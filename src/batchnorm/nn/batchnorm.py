@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from batchnorm import functional as F
+from batchnorm import kernels
 from batchnorm.math import module_call
 from batchnorm.nn.module import Module, Parameter
 
@@ -37,6 +38,7 @@ class _BatchNorm(Module):
     """
 
     _expected_ndim: tuple[int, ...] = ()
+    _optional_state = ("num_batches_tracked",)  # PyTorch loads checkpoints from before it
     running_mean: np.ndarray | None
     running_var: np.ndarray | None
     num_batches_tracked: np.ndarray | None
@@ -57,6 +59,8 @@ class _BatchNorm(Module):
         super().__init__()
         if int(num_features) != num_features or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if backend != "auto":
+            kernels.resolve(backend)  # a misspelled or missing backend fails here, not later
         dtype = np.dtype(dtype)
         if dtype not in F.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")

@@ -53,6 +53,8 @@ def as_numpy(value: Any) -> np.ndarray:
 class Module:
     """Base class of layers: parameters, buffers, children, train/eval, state dicts."""
 
+    _optional_state: tuple[str, ...] = ()  # state_dict entries a checkpoint may lack
+
     def __init__(self) -> None:
         self.training = True
         self._buffer_names: list[str] = []
@@ -151,10 +153,15 @@ class Module:
         """Copy values in (numpy arrays or torch tensors); all are checked before any is set.
 
         Raises KeyError naming missing or unexpected keys (when strict) and ValueError
-        naming a key whose shape differs.
+        naming a key whose shape differs. Entries a layer lists in ``_optional_state`` may
+        be missing (older checkpoints): they keep their current value, as in PyTorch.
         """
         slots = self._state_slots()
-        missing = [k for k in slots if k not in state_dict]
+        missing = [
+            k
+            for k, (module, name) in slots.items()
+            if k not in state_dict and name not in module._optional_state
+        ]
         unexpected = [k for k in state_dict if k not in slots]
         if strict and (missing or unexpected):
             raise KeyError(

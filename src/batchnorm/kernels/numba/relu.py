@@ -23,14 +23,13 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from batchnorm import math
-from batchnorm.kernels.numba import FLAGS, PARALLEL_FLAGS
+from batchnorm.kernels.numba.config import FLAGS, PARALLEL_FLAGS
+from batchnorm.kernels.numba.config import grad_coefficients as _grad_coefficients
+from batchnorm.kernels.numba.config import inverse_std as _inverse_std
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 FUSE_MIN_INNER = 64  # shorter segments (channels-last, maps under 8x8) use the per-pass kernels
 
-_inverse_std = njit(**FLAGS)(math.inverse_std)
-_grad_coefficients = njit(**FLAGS)(math.grad_coefficients)
 
 
 @njit(**FLAGS)

@@ -1,0 +1,126 @@
+"""Every numba flag, tuning constant and the serial/parallel kernel wrapper of this package.
+
+``fastmath`` is restricted to reassociation (so reductions vectorize), contraction (FMA) and
+signed-zero freedom: no ``nnan``/``ninf``, so NaN and inf keep their IEEE meaning and reach
+:mod:`batchnorm.functional`'s non-finite check. ``error_model="numpy"`` drops the
+ZeroDivisionError checks from the loops.
+
+Tuning constants are module attributes read at call time, so tests can force every path
+(``monkeypatch.setattr(config, "CHUNKS", 3)``).
+
+Threads: numba's default threading layer here is OpenMP, a libgomp of its own beside
+PyTorch's; with the default wait policy each pool's idle threads spin for milliseconds on
+the cores the other pool needs next (benchmarks/threads.py measured 5 ms of CPU burned per
+20 ms of idle after each of our calls). Unless the user chose a layer
+(``NUMBA_THREADING_LAYER``), this package selects ``workqueue``, whose idle threads sleep
+(0.05 ms burned), before numba starts its pool. Workqueue refuses concurrent launches, so
+parallel kernels run under one lock (serial ones do not take it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from typing import Any
+
+import numba
+import numpy as np
+from numba import njit
+
+from batchnorm import math
+from batchnorm.kernels.numba.cache import cached
+
+if "NUMBA_THREADING_LAYER" not in os.environ and not getattr(
+    numba.np.ufunc.parallel, "_is_initialized", True
+):
+    numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
+_LAUNCH = threading.Lock()  # one parallel launch at a time (workqueue is not re-entrant)
+_POOL: list[int] = []  # non-empty once numba's thread pool is started
+
+FASTMATH = {"reassoc", "contract", "nsz"}  # never nnan/ninf: NaN must propagate
+FLAGS: dict[str, Any] = {
+    "nogil": True,
+    "fastmath": FASTMATH,
+    "error_model": "numpy",  # no ZeroDivisionError checks inside the loops
+    "boundscheck": False,
+}
+PARALLEL_FLAGS: dict[str, Any] = {**FLAGS, "parallel": True}
+
+# --- tuning -------------------------------------------------------------------------------
+ROWS_MAX_INNER = 16  # inner below this: rows kernels; else segments kernels
+BLOCK = 4096  # elements reduced per two-pass block (a float32 block is 16 KiB: L1)
+ROWS_BLOCK_MIN = 32  # rows per two-pass block at least (fewer merges)
+# Arrays with fewer elements run as one chunk in the serial build. A parallel region ends
+# when its slowest thread does; on a machine shared with other jobs a thread that lost its
+# core costs a scheduler slice, which dwarfs a sub-millisecond pass (measured on 2 busy
+# cores: (256, 1024) fwd+bwd 0.64-0.90 ms serial vs 1.39-1.42 ms parallel).
+PARALLEL_MIN = 1 << 19
+# Fused passes (fused.py) take channels in groups whose rows of x (and dy) fit in
+# FUSE_MAX_BYTES, so that the second pass reads them from cache (L2 is 2 MiB a core here,
+# L3 is large); a group's run per row is about FUSE_RUN_BYTES where that fits. Measured
+# (2 threads, contenders in shuffled order, against the unfused kernels): 7x7 maps gain
+# about 20% on forward and on fwd+bwd with runs of 8, 16 or 32 KiB alike (a lone 196-byte
+# segment lost 1.5x); (8, 3, 224, 224) gains 20-25%, and its backward's 3.2 MiB channels
+# still gain 7% over not fusing them, part of the second pass coming from L3.
+FUSE_MAX_BYTES = 4 << 20
+FUSE_RUN_BYTES = 16384
+FUSE_MAX_IMBALANCE = 1.4  # the busiest thread's groups over an even share, at most
+FUSE_MIN_RUN_BYTES = 4096  # shorter runs are not fused (a lone 7x7 segment is 196 bytes)
+CHUNKS: int | None = None  # force the number of chunks (tests); None: numba's thread count
+
+# Kernels index flat arrays with unsigned indices: a signed index that LLVM cannot prove
+# non-negative gets numba's negative-index wraparound per element, which blocks
+# vectorization (measured: 5x slower sums).
+U = np.uintp
+
+
+def jit(fn: Any) -> Any:
+    """``fn`` compiled with this package's serial flags (helpers called from kernels)."""
+    return njit(**FLAGS)(fn)
+
+
+# the one copy of the math (batchnorm.math), compiled for use inside kernels
+chan_merge_step = jit(math.chan_merge_step)
+inverse_std = jit(math.inverse_std)
+grad_coefficients = jit(math.grad_coefficients)
+
+
+class Kernel:
+    """One kernel body compiled on first use as serial and as parallel (prange) code.
+
+    Both builds are kept in the on-disk cache (:mod:`.cache`), per signature. The body
+    takes an argument named ``chunks``: chunk t of ``chunks`` covers work units
+    ``[units * t // chunks, units * (t + 1) // chunks)``; one chunk runs the serial build.
+    """
+
+    def __init__(self, body: Any) -> None:
+        self.__name__ = body.__name__
+        self.chunks_at = list(inspect.signature(body).parameters).index("chunks")
+        self.serial = cached(njit(**FLAGS)(body))
+        self.parallel = cached(njit(**PARALLEL_FLAGS)(body))
+
+    def __call__(self, *args: Any) -> Any:
+        if args[self.chunks_at] == 1:
+            return self.serial(*args)
+        with _LAUNCH:
+            if not _POOL:  # a build loaded from the cache does not start numba's pool itself
+                _POOL.append(numba.get_num_threads())  # starts it
+            return self.parallel(*args)
+
+
+def set_threads(n: int) -> int:
+    """Use ``n`` threads (clamped to numba's pool) in this thread; returns the previous count."""
+    previous = numba.get_num_threads()
+    pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(int(n), pool)))
+    return int(previous)
+
+
+def chunks(size: int, units: int) -> int:
+    """How many chunks to split ``units`` work units (rows or segments) of ``size`` values."""
+    if CHUNKS is not None:
+        return max(1, min(CHUNKS, units))
+    if size < PARALLEL_MIN:
+        return 1
+    return max(1, min(numba.get_num_threads(), units))

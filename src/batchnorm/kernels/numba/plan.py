@@ -1,0 +1,46 @@
+"""Which kernels a call runs: rows or segments, how many chunks, fused or not."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from batchnorm.kernels.numba import config
+
+
+def use_rows(x3: np.ndarray) -> bool:
+    """Rows kernels for short inner runs (channels-last, 2-D); segments kernels otherwise."""
+    return bool(x3.shape[2] < config.ROWS_MAX_INNER)
+
+
+def rows_block(x3: np.ndarray) -> int:
+    """Rows per two-pass statistics block: about ``BLOCK`` values, ``ROWS_BLOCK_MIN`` at least."""
+    return max(config.ROWS_BLOCK_MIN, config.BLOCK // max(1, x3.shape[1] * x3.shape[2]))
+
+
+def chunks(x3: np.ndarray) -> int:
+    """Chunks for the unfused kernels: rows split by rows, segments by segments."""
+    outer, channels, _ = x3.shape
+    return config.chunks(x3.size, outer if use_rows(x3) else outer * channels)
+
+
+def fusable(x3: np.ndarray, arrays: int) -> tuple[int, int]:
+    """``(chunks, group)`` for a channel-parallel fused pass over ``x3``; (0, 0): no gain."""
+    outer, channels, inner = x3.shape
+    if use_rows(x3) or x3.size == 0 or not x3.flags.c_contiguous:
+        return 0, 0
+    segment = inner * x3.itemsize
+    # neighbouring channels in one group make each row's run long enough to stream, as
+    # long as the group's rows (of x, and dy) stay in cache between the two passes
+    group = min(channels, max(1, config.FUSE_RUN_BYTES // segment))
+    group = min(group, config.FUSE_MAX_BYTES // (outer * segment * arrays))
+    if group < 1:
+        return 0, 0  # one channel would not stay in cache
+    if group * segment < config.FUSE_MIN_RUN_BYTES:
+        return 0, 0  # short runs strided by C * inner defeat the prefetchers (measured 1.5x)
+    groups = -(-channels // group)
+    threads = chunks(x3)  # what the unfused kernels would use
+    if -(-groups // threads) * threads > config.FUSE_MAX_IMBALANCE * groups:
+        # too few groups for the threads (C = 1 on two threads): the unfused kernels split
+        # rows. Some imbalance pays: 3 groups on 2 threads still beat moving x once more.
+        return 0, 0
+    return min(threads, groups), group
