@@ -245,6 +245,8 @@ def section(module: ModuleType, results: Any, figs: list[Any]) -> Any:
     heading = getattr(module, "QUESTION", "") or getattr(module, "CLAIM", "") or doc[0]
     intro = re.sub(r":\w+:`~?([^`]*)`", r"\1", " ".join(doc[1:2] or doc[:1]))
     intro = intro.replace("\n", " ").replace("``", "")
+    if intro.endswith(":"):  # a list follows in the docstring: keep the sentences before it
+        intro = intro[: intro.rfind(". ") + 1] or intro
     verdict = module.verdict(results) if hasattr(module, "verdict") else ""
     rows = [(in_words(label, module.NAME), value) for label, value in module.summary(results)]
     return report.Section(heading, intro, rows, figs, claim=getattr(module, "CLAIM", ""),
