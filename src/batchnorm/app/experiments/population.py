@@ -21,7 +21,6 @@ from batchnorm.app import data as data_mod
 from batchnorm.app.experiments import common
 from batchnorm.app.experiments.renorm import network
 from batchnorm.nn import update_bn_stats
-from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
 NAME = "population"
@@ -32,7 +31,7 @@ CLAIM = ("EMA running statistics lag behind weights that change quickly (most wi
 
 
 @dataclass
-class Config:
+class Config(common.TrainSettings):
     momenta: tuple[float, ...] = (0.1, 0.01, 0.001)
     steps: int = 3000
     batch: int = 32
@@ -41,10 +40,6 @@ class Config:
     evals: int = 15
     population_batches: int = 100
     hidden: tuple[int, ...] = (100, 100, 100)
-    seed: int = 0
-    mnist_dir: str | None = None
-    checkpoint_every: int = 1
-    threads: int = 1
 
 
 class Results(common.SweepResults):
@@ -58,39 +53,28 @@ def train_case(config: Config, data: data_mod.Dataset, bn_momentum: float) -> di
     sizes = [data.num_features, *config.hidden, data.num_classes]
     net = network(sizes, "bn", bn_momentum, np.random.default_rng([config.seed, 0]))
     opt = SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
-    loss_fn = CrossEntropyLoss()
     sampler = common.BatchSampler(data.x_train, data.y_train, config.batch,
                                   np.random.default_rng([config.seed, 1]))
-    every = max(1, config.steps // config.evals)
-    curve = []
-    for step in range(1, config.steps + 1):
-        common.check_interrupt()  # Ctrl-C: this net is dropped, the sweep saves the others
-        common.train_step(net, loss_fn, opt, *sampler.next())
-        if step % every == 0 or step == config.steps:
-            ema = common.accuracy(net, data.x_test, data.y_test)
-            population = common.BatchSampler(data.x_train, data.y_train, config.batch,
-                                              np.random.default_rng([config.seed, 2, step]))
-            exact = update_bn_stats(copy.deepcopy(net),
-                                    (population.next() for _ in range(config.population_batches)))
-            curve.append([step, ema, common.accuracy(exact, data.x_test, data.y_test)])
+    curve: list[list[float]] = []
+
+    def measure(step: int) -> None:
+        ema = common.accuracy(net, data.x_test, data.y_test)
+        population = common.BatchSampler(data.x_train, data.y_train, config.batch,
+                                          np.random.default_rng([config.seed, 2, step]))
+        exact = update_bn_stats(copy.deepcopy(net),
+                                (population.next() for _ in range(config.population_batches)))
+        curve.append([step, ema, common.accuracy(exact, data.x_test, data.y_test)])
+
+    common.train_net(net, opt, sampler.next, config.steps,
+                     every=max(1, config.steps // config.evals), measure=measure,
+                     stop_on_divergence=False)
     return {"bn_momentum": bn_momentum, "steps": config.steps, "curve": curve,
             "seconds": time.perf_counter() - started}
 
 
-def run(
-    config: Config | None = None,
-    *,
-    data: data_mod.Dataset | None = None,
-    progress: common.Progress = common.no_progress,
-    checkpoint: common.Checkpoint | None = None,
-) -> Results:
-    config = config or Config()
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed)
-    cases = [(m,) for m in config.momenta]
-    return common.sweep(NAME, Results, config, data, cases, train_case,
-                        lambda m: f"population momentum {m:g}",
-                        progress=progress, checkpoint=checkpoint)
+run = common.sweep_experiment(NAME, Config, Results,
+                              lambda config: [(m,) for m in config.momenta], train_case,
+                              lambda m: f"population momentum {m:g}")
 
 
 def _gaps(case: dict[str, Any]) -> tuple[float, float, float]:

@@ -20,7 +20,6 @@ import numpy as np
 from batchnorm.app import data as data_mod
 from batchnorm.app.experiments import common
 from batchnorm.nn import BatchNorm1d, BatchRenorm1d, Linear, ReLU, Sequential
-from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
 NAME = "renorm"
@@ -34,7 +33,7 @@ LAYERS = ("bn", "renorm")
 
 
 @dataclass
-class Config:
+class Config(common.TrainSettings):
     steps: int = 4000
     small_batch: int = 4
     batch: int = 32
@@ -49,10 +48,6 @@ class Config:
     relax_d: float = 0.35  # ... and dmax
     evals: int = 10
     hidden: tuple[int, ...] = (100, 100, 100)
-    seed: int = 0
-    mnist_dir: str | None = None
-    checkpoint_every: int = 1
-    threads: int = 1
 
 
 class Results(common.SweepResults):
@@ -105,7 +100,6 @@ def train_case(config: Config, data: data_mod.Dataset, setting: str, layer: str
     sizes = [data.num_features, *config.hidden, data.num_classes]
     net = network(sizes, layer, config.bn_momentum, np.random.default_rng([config.seed, 0]))
     opt = SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
-    loss_fn = CrossEntropyLoss()
     rng = np.random.default_rng([config.seed, 1])
     if setting != "non-iid":
         size = config.small_batch if setting == "small" else config.batch
@@ -118,35 +112,27 @@ def train_case(config: Config, data: data_mod.Dataset, setting: str, layer: str
             return data.x_train[idx], data.y_train[idx]
 
     renorms = [m for m in net.modules() if isinstance(m, BatchRenorm1d)]
-    every = max(1, config.steps // config.evals)
-    curve = []
-    for step in range(1, config.steps + 1):
-        common.check_interrupt()  # Ctrl-C: this net is dropped, the sweep saves the others
+    curve: list[list[float]] = []
+
+    def relax(step: int) -> None:
         rmax, dmax = schedule(config, step)
         for m in renorms:
             m.rmax, m.dmax = rmax, dmax
-        loss = common.train_step(net, loss_fn, opt, *draw())
-        if step % every == 0 or step == config.steps:
-            curve.append([step, common.accuracy(net, data.x_test, data.y_test)])
+
+    def measure(step: int) -> None:
+        curve.append([step, common.accuracy(net, data.x_test, data.y_test)])
+
+    losses, _ = common.train_net(net, opt, draw, config.steps,
+                                 every=max(1, config.steps // config.evals), measure=measure,
+                                 before=relax, stop_on_divergence=False)
     return {"setting": setting, "layer": layer, "steps": config.steps,
-            "accuracy": curve[-1][1], "curve": curve, "final_loss": float(loss),
+            "accuracy": curve[-1][1], "curve": curve, "final_loss": float(losses[-1]),
             "seconds": time.perf_counter() - started}
 
 
-def run(
-    config: Config | None = None,
-    *,
-    data: data_mod.Dataset | None = None,
-    progress: common.Progress = common.no_progress,
-    checkpoint: common.Checkpoint | None = None,
-) -> Results:
-    config = config or Config()
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed)
-    cases = [(s, n) for s in SETTINGS for n in LAYERS]
-    return common.sweep(NAME, Results, config, data, cases, train_case,
-                        lambda s, n: f"renorm {s} {'Batch Renorm' if n == 'renorm' else 'BN'}",
-                        progress=progress, checkpoint=checkpoint)
+run = common.sweep_experiment(
+    NAME, Config, Results, lambda config: [(s, n) for s in SETTINGS for n in LAYERS],
+    train_case, lambda s, n: f"renorm {s} {'Batch Renorm' if n == 'renorm' else 'BN'}")
 
 
 def _describe(config: dict[str, Any], setting: str) -> str:
