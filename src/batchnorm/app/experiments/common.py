@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -94,6 +94,18 @@ class Experiment(Generic[ConfigT, ResultT]):
         return self.body(config, data, progress, checkpoint)
 
 
+def check_schedule(steps: int, every: int, name: str) -> None:
+    """Raise ValueError unless ``steps`` >= 0 and the period ``every`` (named ``name``) >= 1."""
+    if steps < 0 or every < 1:
+        raise ValueError(f"steps must be >= 0 and {name} >= 1")
+
+
+def check_unit(unit: int, hidden: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``unit`` is a unit of the last hidden layer."""
+    if not 0 <= unit < hidden[-1]:
+        raise ValueError(f"unit must be in [0, {hidden[-1]}), got {unit}")
+
+
 # -- the training step ------------------------------------------------------------------
 def train_step(model: Any, loss_fn: Any, optimizer: Any, x: np.ndarray, y: np.ndarray) -> float:
     """One step of SGD training: zero the gradients, forward, loss, backward, update.
@@ -173,6 +185,15 @@ class JsonResults:
     @classmethod
     def from_dict(cls: type[ResultsT], d: dict[str, Any]) -> ResultsT:
         return cls(**d)
+
+
+def new_results(results_type: type[ResultsT], config: Any, data: Dataset, names: Iterable[str],
+                *histories: str) -> ResultsT:
+    """Empty results of a run of ``config`` on ``data``: for each field in ``histories``, an
+    empty list per name (net or arm)."""
+    names = tuple(names)
+    return results_type(config=jsonable(dataclasses.asdict(config)),  # type: ignore[call-arg]
+                        dataset=data.describe(), **{k: {n: [] for n in names} for k in histories})
 
 
 @dataclass

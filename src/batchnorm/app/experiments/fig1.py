@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from batchnorm.app import data as data_mod
-from batchnorm.app.experiments import common
+from batchnorm.app.experiments import common, lockstep
 from batchnorm.nn.layers import Sequential, mlp
 from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
@@ -38,22 +38,14 @@ PERCENTILES = (15.0, 50.0, 85.0)
 
 
 @dataclass
-class Config:
+class Config(lockstep.TrainConfig):
     """Settings; the CLI's --steps --seed --lr --init-std --mnist-dir set the same names."""
 
     steps: int = 50_000
-    batch_size: int = 60
-    lr: float = 1.0
     momentum: float = 0.0
-    init_std: float = 0.01
-    hidden: tuple[int, ...] = (100, 100, 100)
     eval_every: int = 500
     unit: int = 0  # the sigmoid of the last hidden layer whose input Fig. 1(b, c) follows
-    seed: int = 0
-    mnist_dir: str | None = None
-    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
     checkpoint_every: int = 5_000  # steps; 0 turns periodic checkpoints off
-    threads: int = 1  # BLAS threads (small matrices: 1 is fastest)
 
 
 @dataclass
@@ -122,29 +114,21 @@ def _last_activation(net: Sequential) -> int:
     return len(net.layers) - 2  # layers end with [..., activation, Linear]
 
 
-def run(
-    config: Config | None = None,
-    *,
-    data: data_mod.Dataset | None = None,
-    progress: common.Progress = common.no_progress,
-    checkpoint: common.Checkpoint | None = None,
-) -> Results:
+def _check(config: Config) -> None:
+    common.check_schedule(config.steps, config.eval_every, "eval_every")
+    common.check_unit(config.unit, config.hidden)
+
+
+def _run(config: Config, data: data_mod.Dataset, progress: common.Progress,
+         checkpoint: common.Checkpoint | None) -> Results:
     """Train both nets; return their histories. ``checkpoint.state`` (when set) resumes."""
-    config = config or Config()
-    if config.steps < 0 or config.eval_every < 1:
-        raise ValueError("steps must be >= 0 and eval_every >= 1")
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed, config.data)
-    if not 0 <= config.unit < config.hidden[-1]:
-        raise ValueError(f"unit must be in [0, {config.hidden[-1]}), got {config.unit}")
     nets = build_nets(config, data.num_features, data.num_classes)
     opts = {n: SGD(nets[n].parameters(), lr=config.lr, momentum=config.momentum) for n in NETS}
     losses = {n: CrossEntropyLoss() for n in NETS}
     sampler = common.BatchSampler(data.x_train, data.y_train, config.batch_size,
                                   np.random.default_rng([config.seed, 1]))
-    results = Results(config=common.jsonable(dataclasses.asdict(config)), dataset=data.describe(),
-                      accuracy={n: [] for n in NETS}, train_loss={n: [] for n in NETS},
-                      percentiles={n: [] for n in NETS})
+    results = common.new_results(Results, config, data, NETS, "accuracy", "train_loss",
+                                 "percentiles")
     loss_sum = {n: 0.0 for n in NETS}
     alive = {n: True for n in NETS}
     step = 0
@@ -230,6 +214,9 @@ def run(
     results.completed = True
     save()
     return results
+
+
+run = common.Experiment(Config, _run, check=_check)
 
 
 def verdict(results: Results) -> str:

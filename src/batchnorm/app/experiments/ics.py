@@ -13,7 +13,6 @@ and with BN. A "layer" is a Linear with its BN; layer 1 has nothing below it and
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,24 +95,16 @@ def shift(net: Sequential, x: np.ndarray, y: np.ndarray, lr: float
     return l2, rel, cos
 
 
-def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
-        progress: common.Progress = common.no_progress,
-        checkpoint: common.Checkpoint | None = None) -> Results:
-    config = config or Config()
-    if config.steps < 0 or config.measure_every < 1:
-        raise ValueError("steps must be >= 0 and measure_every >= 1")
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed, config.data)
+def _check(config: Config) -> None:
+    common.check_schedule(config.steps, config.measure_every, "measure_every")
+
+
+def _run(config: Config, data: data_mod.Dataset, progress: common.Progress,
+         checkpoint: common.Checkpoint | None) -> Results:
     nets = build_nets(config, data.num_features, data.num_classes)
     trainer = lockstep.Lockstep(NAME, config, data, nets,
                                 lrs={"deep-plain": config.deep_lr, "deep-bn": config.deep_lr})
-    results = Results(config=common.jsonable(dataclasses.asdict(config)),
-                      dataset=data.describe(), accuracy={n: [] for n in NETS},
-                      l2={n: [] for n in NETS}, relative={n: [] for n in NETS},
-                      cosine={n: [] for n in NETS})
-    saved = trainer.restore(checkpoint)
-    if saved is not None:
-        results = Results.from_dict(saved)
+    results = trainer.start(Results, checkpoint, "accuracy", "l2", "relative", "cosine")
 
     def before_step(step: int, xb: np.ndarray, yb: np.ndarray) -> None:
         if step % config.measure_every:
@@ -132,6 +123,9 @@ def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
     trainer.run(results, lambda step: None, every=config.measure_every,
                 before_step=before_step, progress=progress, checkpoint=checkpoint)
     return results
+
+
+run = common.Experiment(Config, _run, check=_check)
 
 
 def summary(results: Results) -> list[tuple[str, str]]:

@@ -17,7 +17,6 @@ Probes work on copies of the nets: training goes on exactly as without them.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,25 +93,18 @@ def build_nets(config: Config, num_features: int, num_classes: int) -> dict[str,
             for n in NETS}
 
 
-def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
-        progress: common.Progress = common.no_progress,
-        checkpoint: common.Checkpoint | None = None) -> Results:
-    config = config or Config()
-    if config.steps < 0 or config.probe_every < 1:
-        raise ValueError("steps must be >= 0 and probe_every >= 1")
+def _check(config: Config) -> None:
+    common.check_schedule(config.steps, config.probe_every, "probe_every")
     if min(config.step_sizes, default=0.0) < 0:
         raise ValueError(f"step sizes must be >= 0, got {config.step_sizes}")
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed, config.data)
+
+
+def _run(config: Config, data: data_mod.Dataset, progress: common.Progress,
+         checkpoint: common.Checkpoint | None) -> Results:
     nets = build_nets(config, data.num_features, data.num_classes)
     trainer = lockstep.Lockstep(NAME, config, data, nets)
-    results = Results(config=common.jsonable(dataclasses.asdict(config)),
-                      dataset=data.describe())
-    for key in ("accuracy", "loss", "path_loss", "grad_change", "grad_norm"):
-        setattr(results, key, {n: [] for n in NETS})
-    saved = trainer.restore(checkpoint)
-    if saved is not None:
-        results = Results.from_dict(saved)
+    results = trainer.start(Results, checkpoint, "accuracy", "loss", "path_loss", "grad_change",
+                            "grad_norm")
     etas = [s * config.lr for s in config.step_sizes]
 
     def before_step(step: int, xb: np.ndarray, yb: np.ndarray) -> None:
@@ -134,6 +126,9 @@ def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
     trainer.run(results, lambda step: None, every=config.probe_every,
                 before_step=before_step, progress=progress, checkpoint=checkpoint)
     return results
+
+
+run = common.Experiment(Config, _run, check=_check)
 
 
 def _late(results: Results, net: str) -> dict[str, float]:

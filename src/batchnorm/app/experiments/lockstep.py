@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,22 +26,20 @@ from batchnorm.nn.layers import Linear, Sequential
 from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
+ResultsT = TypeVar("ResultsT", bound=common.JsonResults)
+
 
 @dataclass
-class TrainConfig:
-    """The settings every lockstep experiment has: the Figure 1 network and its training.
-    The CLI's --steps --seed --lr --init-std --data --mnist-dir set the same names."""
+class TrainConfig(common.TrainSettings):
+    """The settings of the Figure 1 network and its training, which fig1 and every lockstep
+    experiment have. The CLI's --steps --lr --init-std set the same names."""
 
     steps: int = 10_000
     batch_size: int = 60
     lr: float = 1.0
     init_std: float = 0.01
     hidden: tuple[int, ...] = (100, 100, 100)
-    seed: int = 0
-    mnist_dir: str | None = None
-    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
     checkpoint_every: int = 2_500  # steps; 0 turns periodic checkpoints off
-    threads: int = 1  # BLAS threads (small matrices: 1 is fastest)
 
 
 @dataclass
@@ -86,6 +84,15 @@ class Lockstep:
                 "rngs": {k: common.rng_state(g) for k, g in self.rngs.items()},
                 "results": results.to_dict()}
         checkpoint.save(arrays, meta)
+
+    def start(self, results_type: type[ResultsT], checkpoint: common.Checkpoint | None,
+              *histories: str) -> ResultsT:
+        """The run's results: from the checkpoint (whose state the nets then hold) when it
+        has one, else new and empty, with a list per net for each field in ``histories``."""
+        saved = self.restore(checkpoint)
+        if saved is not None:
+            return results_type.from_dict(saved)
+        return common.new_results(results_type, self.config, self.data, self.nets, *histories)
 
     def restore(self, checkpoint: common.Checkpoint | None) -> dict[str, Any] | None:
         """Load the checkpoint's state into the nets; returns the saved results (or None)."""

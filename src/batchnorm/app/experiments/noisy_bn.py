@@ -13,7 +13,6 @@ percentiles of one unit's sigmoid input in the last hidden layer.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,25 +130,17 @@ def _sigmoid_input(net: Sequential, x: np.ndarray, unit: int) -> np.ndarray:
     return x[:, unit]
 
 
-def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
-        progress: common.Progress = common.no_progress,
-        checkpoint: common.Checkpoint | None = None) -> Results:
-    config = config or Config()
-    if config.steps < 0 or config.eval_every < 1:
-        raise ValueError("steps must be >= 0 and eval_every >= 1")
-    if not 0 <= config.unit < config.hidden[-1]:
-        raise ValueError(f"unit must be in [0, {config.hidden[-1]}), got {config.unit}")
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed, config.data)
+def _check(config: Config) -> None:
+    common.check_schedule(config.steps, config.eval_every, "eval_every")
+    common.check_unit(config.unit, config.hidden)
+
+
+def _run(config: Config, data: data_mod.Dataset, progress: common.Progress,
+         checkpoint: common.Checkpoint | None) -> Results:
     noise_rng = np.random.default_rng([config.seed, 2])
     nets = build_nets(config, data.num_features, data.num_classes, noise_rng)
     trainer = lockstep.Lockstep(NAME, config, data, nets, rngs={"noise": noise_rng})
-    results = Results(config=common.jsonable(dataclasses.asdict(config)),
-                      dataset=data.describe(), accuracy={n: [] for n in NETS},
-                      percentiles={n: [] for n in NETS})
-    saved = trainer.restore(checkpoint)
-    if saved is not None:
-        results = Results.from_dict(saved)
+    results = trainer.start(Results, checkpoint, "accuracy", "percentiles")
     probe_x = data.x_train[: config.probe_size]
 
     def measure(step: int) -> None:
@@ -164,6 +155,9 @@ def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
     trainer.run(results, measure, every=config.eval_every, progress=progress,
                 checkpoint=checkpoint)
     return results
+
+
+run = common.Experiment(Config, _run, check=_check)
 
 
 def summary(results: Results) -> list[tuple[str, str]]:
