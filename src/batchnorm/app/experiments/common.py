@@ -197,15 +197,30 @@ def new_results(results_type: type[ResultsT], config: Any, data: Dataset, names:
 
 
 @dataclass
-class SweepResults(JsonResults):
+class RunResults(JsonResults):
+    """What every experiment's results hold: its config, the dataset, the time it took and
+    whether it ran to the end."""
+
+    config: dict[str, Any]
+    dataset: str
+    seconds: float = 0.0
+    completed: bool = False
+
+
+@dataclass
+class StepResults(RunResults):
+    """Results taken along training: test accuracy per net (or arm) at ``steps``."""
+
+    steps: list[int] = field(default_factory=list)
+    accuracy: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResults(RunResults):
     """A sweep's results: one dict per trained net, named by the values of its ``KEY`` fields."""
 
     KEY: ClassVar[tuple[str, ...]] = ()
-    config: dict[str, Any]
-    dataset: str
     cases: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-    completed: bool = False
 
     def find(self, *key: Any) -> dict[str, Any] | None:
         """The case whose ``KEY`` fields equal ``key``, or None when it has not run."""

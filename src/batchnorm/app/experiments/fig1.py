@@ -49,18 +49,12 @@ class Config(lockstep.TrainConfig):
 
 
 @dataclass
-class Results(common.JsonResults):
+class Results(common.StepResults):
     """Histories at the evaluated steps, per net ("plain", "bn")."""
 
-    config: dict[str, Any]
-    dataset: str
-    steps: list[int] = field(default_factory=list)
-    accuracy: dict[str, list[float]] = field(default_factory=dict)
     train_loss: dict[str, list[float]] = field(default_factory=dict)  # mean since last eval
     # [eval][percentile][unit]: percentiles of every last-layer sigmoid input over test digits
     percentiles: dict[str, list[list[list[float]]]] = field(default_factory=dict)
-    seconds: float = 0.0
-    completed: bool = False
 
     def unit_percentiles(self, net: str, unit: int | None = None) -> np.ndarray:
         """(evals, 3) array of the 15/50/85th percentiles of one unit's input."""
@@ -279,10 +273,9 @@ def figures(results: Results) -> list[Any]:
     """The report's figures (report.Figure), drawn with matplotlib."""
     from batchnorm.app import report
 
-    plt = report.plt()
     steps = np.asarray(results.steps)
     unit = results.config["unit"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = report.subplots(1, 3, figsize=(14, 4))
     ax = axes[0]
     for n in ("plain", "bn"):
         ax.plot(steps, results.accuracy[n], color=report.COLORS[n], label=report.LABELS[n])

@@ -49,7 +49,7 @@ class Config(lockstep.TrainConfig):
 
 
 @dataclass
-class Results(lockstep.TrainResults):
+class Results(common.StepResults):
     """``steps``: where accuracy and the shift were taken. Per net, per measure, one value
     per layer 2..L of ||G - G'||, ||G - G'|| / ||G|| and cos(G, G')."""
 
@@ -169,13 +169,10 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm.app.report import Figure
-    from batchnorm.app.report import plt as _plt
-    from batchnorm.app.report import tidy as _tidy
+    from batchnorm.app import report
 
-    plt = _plt()
     steps = np.asarray(results.steps)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    fig, axes = report.subplots(2, 3, figsize=(15, 7.5))
     for row, (plain, bn) in enumerate((("plain", "bn"), ("deep-plain", "deep-bn"))):
         for n, style in ((plain, "-"), (bn, "-")):
             axes[row][0].plot(steps, results.accuracy[n], style, color=lockstep.COLORS[n],
@@ -197,10 +194,9 @@ def figures(results: Results) -> list[Any]:
         axes[row][0].legend(fontsize=7, loc="lower right")
         # the per-layer legend goes right of the row, where it covers no data
         axes[row][2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        for ax in axes[row]:
-            _tidy(ax)
+        report.tidy(*axes[row])
     fig.tight_layout()
     shows = (f"On {results.dataset}, measured every {results.config['measure_every']} steps. "
              "Top row: the Figure 1 network; bottom row: the deeper one. Lines from light to "
              "dark go from layer 2 to the last layer. " + verdict(results))
-    return [Figure("ics", fig, "Does BN reduce internal covariate shift?", shows, CLAIM)]
+    return [report.Figure("ics", fig, "Does BN reduce internal covariate shift?", shows, CLAIM)]

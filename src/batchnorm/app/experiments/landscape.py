@@ -47,7 +47,7 @@ class Config(lockstep.TrainConfig):
 
 
 @dataclass
-class Results(lockstep.TrainResults):
+class Results(common.StepResults):
     """``steps``: where the probes were taken; ``loss`` and ``grad_norm``: at the probe's
     start; [probe][step size]: the loss and ||g' - g|| at each point along -g."""
 
@@ -170,13 +170,10 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm.app.report import Figure
-    from batchnorm.app.report import plt as _plt
-    from batchnorm.app.report import tidy as _tidy
+    from batchnorm.app import report
 
-    plt = _plt()
     steps = np.asarray(results.steps)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = report.subplots(1, 3, figsize=(15, 4))
     for n in NETS:
         m, color = results.measures(n), lockstep.COLORS[n]
         axes[0].fill_between(steps, m["loss_min"], m["loss_max"], color=color, alpha=0.4,
@@ -190,10 +187,10 @@ def figures(results: Results) -> list[Any]:
     axes[2].set(title="(c) effective beta-smoothness", xlabel="training step", yscale="log")
     for ax in axes:
         ax.legend(fontsize=8, loc="best")
-        _tidy(ax)
+    report.tidy(*axes)
     fig.tight_layout()
     sizes = ", ".join(f"{s:g}" for s in results.config["step_sizes"])
     shows = (f"On {results.dataset}; every {results.config['probe_every']} steps, steps of "
              f"{sizes} times the learning rate along the gradient. " + verdict(results))
-    return [Figure("landscape", fig, "Does BN make the loss landscape smoother?", shows,
+    return [report.Figure("landscape", fig, "Does BN make the loss landscape smoother?", shows,
                    CLAIM)]

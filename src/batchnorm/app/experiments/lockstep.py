@@ -15,7 +15,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -40,18 +40,6 @@ class TrainConfig(common.TrainSettings):
     init_std: float = 0.01
     hidden: tuple[int, ...] = (100, 100, 100)
     checkpoint_every: int = 2_500  # steps; 0 turns periodic checkpoints off
-
-
-@dataclass
-class TrainResults(common.JsonResults):
-    """What every lockstep experiment records: test accuracy per net at ``steps``."""
-
-    config: dict[str, Any]
-    dataset: str
-    steps: list[int] = field(default_factory=list)
-    accuracy: dict[str, list[float]] = field(default_factory=dict)
-    seconds: float = 0.0
-    completed: bool = False
 
 
 class Lockstep:

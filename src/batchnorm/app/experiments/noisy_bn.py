@@ -49,7 +49,7 @@ class Config(lockstep.TrainConfig):
 
 
 @dataclass
-class Results(lockstep.TrainResults):
+class Results(common.StepResults):
     # [eval][percentile]: the followed unit's sigmoid input on the probe batch, in training
     percentiles: dict[str, list[list[float]]] = field(default_factory=dict)
 
@@ -195,13 +195,10 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm.app.report import Figure
-    from batchnorm.app.report import plt as _plt
-    from batchnorm.app.report import tidy as _tidy
+    from batchnorm.app import report
 
-    plt = _plt()
     steps = np.asarray(results.steps)
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    fig, axes = report.subplots(1, 4, figsize=(16, 3.8))
     for n in NETS:
         axes[0].plot(steps, results.accuracy[n], color=lockstep.COLORS[n], label=LABELS[n])
     axes[0].set(title="(a) test accuracy", xlabel="training step", ylabel="accuracy")
@@ -216,8 +213,7 @@ def figures(results: Results) -> list[Any]:
         ax.set(title=f"({tag}) sigmoid input, {LABELS[n]}", xlabel="training step")
     lo = min(ax.get_ylim()[0] for ax in axes[1:])
     hi = max(ax.get_ylim()[1] for ax in axes[1:])
-    for ax in axes:
-        _tidy(ax)
+    report.tidy(*axes)
     for ax in axes[1:]:
         ax.set_ylim(lo, hi)
     # one legend for (b)-(d), below the panels, so that it covers no data
@@ -225,5 +221,5 @@ def figures(results: Results) -> list[Any]:
                bbox_to_anchor=(0.62, 0.0))
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     shows = " ".join(f"{k}: {v}." for k, v in summary(results)[:-1])
-    return [Figure("noisy-bn", fig, "Does BN work by keeping layer inputs steady?",
+    return [report.Figure("noisy-bn", fig, "Does BN work by keeping layer inputs steady?",
                    shows + " " + verdict(results), CLAIM)]

@@ -116,14 +116,9 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    import matplotlib
+    from batchnorm.app import report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from batchnorm.app.report import Figure
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = report.subplots(1, 1, figsize=(7, 4.5))
     colors = ["#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b"]
     exact_drawn = False
     for i, m in enumerate(results.config["momenta"]):
@@ -140,5 +135,5 @@ def figures(results: Results) -> list[Any]:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return [Figure("population", fig, "EMA vs exact population statistics", verdict(results),
+    return [report.Figure("population", fig, "EMA vs exact population statistics", verdict(results),
                    CLAIM)]

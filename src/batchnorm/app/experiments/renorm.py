@@ -170,14 +170,9 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    import matplotlib
+    from batchnorm.app import report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from batchnorm.app.report import Figure
-
-    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(15, 4), sharey=True)
+    fig, axes = report.subplots(1, len(SETTINGS), figsize=(15, 4), sharey=True)
     for ax, s in zip(axes, SETTINGS, strict=True):
         for layer, color, label in (("bn", "#1f77b4", "BN"), ("renorm", "#2ca02c",
                                                               "Batch Renorm")):
@@ -190,4 +185,4 @@ def figures(results: Results) -> list[Any]:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    return [Figure("renorm", fig, "Batch Renorm vs BN", verdict(results), CLAIM)]
+    return [report.Figure("renorm", fig, "Batch Renorm vs BN", verdict(results), CLAIM)]

@@ -62,18 +62,12 @@ class Config(common.Settings):
 
 
 @dataclass
-class Results(common.JsonResults):
+class Results(common.StepResults):
     """Histories at the evaluated steps, per arm ("plain", "sync", "single")."""
 
-    config: dict[str, Any]
-    dataset: str
-    steps: list[int] = field(default_factory=list)
-    accuracy: dict[str, list[float]] = field(default_factory=dict)
     train_loss: dict[str, list[float]] = field(default_factory=dict)  # mean since last eval
     max_param_diff_sync_vs_single: float = float("nan")
     collective: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    completed: bool = False
 
     def final(self, arm: str) -> float:
         return self.accuracy[arm][-1] if self.accuracy.get(arm) else float("nan")
@@ -230,8 +224,7 @@ def figures(results: Results) -> list[Any]:
     """Test accuracy and training loss along training, one line per arm (report.Figure)."""
     from batchnorm.app import report
 
-    plt = report.plt()
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_acc, ax_loss) = report.subplots(1, 2, figsize=(11, 4))
     for a in ARMS:
         style = {"linestyle": "--" if a == "single" else "-", "color": COLORS[a]}
         ax_acc.plot(results.steps, results.accuracy[a], label=LABELS[a], **style)
