@@ -24,6 +24,7 @@ from batchnorm.nn.layers import Sequential, mlp
 
 NAME = "ics"
 NETS = ("plain", "bn", "deep-plain", "deep-bn")
+SHIFTS = ("l2", "relative", "cosine")  # the fields of shift()'s measures
 LABELS = {"plain": "3 hidden layers, without BN", "bn": "3 hidden layers, with BN",
           "deep-plain": "deeper ReLU net, without BN", "deep-bn": "deeper ReLU net, with BN"}
 CLAIM = (
@@ -104,24 +105,16 @@ def _run(config: Config, data: data_mod.Dataset, progress: common.Progress,
     nets = build_nets(config, data.num_features, data.num_classes)
     trainer = lockstep.Lockstep(NAME, config, data, nets,
                                 lrs={"deep-plain": config.deep_lr, "deep-bn": config.deep_lr})
-    results = trainer.start(Results, checkpoint, "accuracy", "l2", "relative", "cosine")
+    results = trainer.start(Results, checkpoint, "accuracy", *SHIFTS)
 
-    def before_step(step: int, xb: np.ndarray, yb: np.ndarray) -> None:
-        if step % config.measure_every:
-            return
-        results.steps.append(step)
-        for n, net in nets.items():
-            alive = trainer.alive[n]
-            results.accuracy[n].append(
-                common.accuracy(net, data.x_test, data.y_test) if alive else float("nan"))
-            nan = [float("nan")] * (len(lockstep.linear_layers(net)) - 1)
-            l2, rel, cos = shift(net, xb, yb, trainer.lrs[n]) if alive else (nan, nan, nan)
-            results.l2[n].append(l2)
-            results.relative[n].append(rel)
-            results.cosine[n].append(cos)
+    def probe(n: str, net: Sequential, xb: np.ndarray, yb: np.ndarray) -> dict[str, Any]:
+        return dict(zip(SHIFTS, shift(net, xb, yb, trainer.lrs[n]), strict=True))
 
-    trainer.run(results, lambda step: None, every=config.measure_every,
-                before_step=before_step, progress=progress, checkpoint=checkpoint)
+    def dead(n: str) -> dict[str, Any]:
+        return dict.fromkeys(SHIFTS, [float("nan")] * (len(lockstep.linear_layers(nets[n])) - 1))
+
+    trainer.run_probed(results, config.measure_every, probe, dead, progress=progress,
+                       checkpoint=checkpoint)
     return results
 
 

@@ -28,6 +28,7 @@ from batchnorm.nn.layers import Sequential, mlp
 
 NAME = "landscape"
 NETS = ("plain", "bn")
+PROBES = ("loss", "grad_norm", "path_loss", "grad_change")  # the fields of probe()'s values
 LABELS = {"plain": "without BN", "bn": "with BN"}
 CLAIM = (
     "Santurkar et al. (2018, section 3.1, Fig. 4) propose what BN really changes: it makes the "
@@ -103,28 +104,18 @@ def _run(config: Config, data: data_mod.Dataset, progress: common.Progress,
          checkpoint: common.Checkpoint | None) -> Results:
     nets = build_nets(config, data.num_features, data.num_classes)
     trainer = lockstep.Lockstep(NAME, config, data, nets)
-    results = trainer.start(Results, checkpoint, "accuracy", "loss", "path_loss", "grad_change",
-                            "grad_norm")
+    results = trainer.start(Results, checkpoint, "accuracy", *PROBES)
     etas = [s * config.lr for s in config.step_sizes]
 
-    def before_step(step: int, xb: np.ndarray, yb: np.ndarray) -> None:
-        if step % config.probe_every:
-            return
-        results.steps.append(step)
-        for n, net in nets.items():
-            alive = trainer.alive[n]
-            nan = float("nan")
-            loss, norm, losses, changes = (probe(net, xb, yb, etas) if alive
-                                           else (nan, nan, [nan] * len(etas), [nan] * len(etas)))
-            results.accuracy[n].append(
-                common.accuracy(net, data.x_test, data.y_test) if alive else nan)
-            results.loss[n].append(loss)
-            results.grad_norm[n].append(norm)
-            results.path_loss[n].append(losses)
-            results.grad_change[n].append(changes)
+    def measure(n: str, net: Sequential, xb: np.ndarray, yb: np.ndarray) -> dict[str, Any]:
+        return dict(zip(PROBES, probe(net, xb, yb, etas), strict=True))
 
-    trainer.run(results, lambda step: None, every=config.probe_every,
-                before_step=before_step, progress=progress, checkpoint=checkpoint)
+    def dead(n: str) -> dict[str, Any]:
+        nan = float("nan")
+        return dict(zip(PROBES, (nan, nan, [nan] * len(etas), [nan] * len(etas)), strict=True))
+
+    trainer.run_probed(results, config.probe_every, measure, dead, progress=progress,
+                       checkpoint=checkpoint)
     return results
 
 

@@ -124,6 +124,31 @@ class Lockstep:
         results.completed = True
         self.save(checkpoint, results)
 
+    def run_probed(self, results: Any, every: int,
+                   probe: Callable[[str, Sequential, np.ndarray, np.ndarray], dict[str, Any]],
+                   dead: Callable[[str], dict[str, Any]], *,
+                   progress: common.Progress = common.no_progress,
+                   checkpoint: common.Checkpoint | None = None) -> None:
+        """:meth:`run`, recording before every ``every``-th step (the step 0 included) the
+        step, each net's test accuracy and the fields ``probe(name, net, xb, yb)`` returns
+        for the batch the nets are about to learn from; a diverged net gets NaN accuracy
+        and ``dead(name)``."""
+
+        def before_step(step: int, xb: np.ndarray, yb: np.ndarray) -> None:
+            if step % every:
+                return
+            results.steps.append(step)
+            for n, net in self.nets.items():
+                alive = self.alive[n]
+                results.accuracy[n].append(common.accuracy(net, self.data.x_test,
+                                                           self.data.y_test)
+                                           if alive else float("nan"))
+                for key, value in (probe(n, net, xb, yb) if alive else dead(n)).items():
+                    getattr(results, key)[n].append(value)
+
+        self.run(results, lambda step: None, every=every, before_step=before_step,
+                 progress=progress, checkpoint=checkpoint)
+
     def _one_step(self, measure: Callable[[int], None], every: int,
                   before_step: Callable[[int, np.ndarray, np.ndarray], None] | None
                   ) -> None:
