@@ -90,7 +90,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
             continue
         rows.append((f"batch-size {b} (lr {bn['lr']:.4g}, {bn['steps']:,} steps)",
                      f"without BN {_acc(plain)}  |  with BN {_acc(bn)}"))
-    rows.append(("batch-size time", f"{results.seconds:.1f} s ({len(results.cases)} nets)"))
+    rows.append(results.time_row("batch-size time", f"({len(results.cases)} nets)"))
     return rows
 
 

@@ -206,6 +206,10 @@ class RunResults(JsonResults):
     seconds: float = 0.0
     completed: bool = False
 
+    def time_row(self, label: str, detail: str) -> tuple[str, str]:
+        """The summary's row of how long the run took; ``detail`` says what ran."""
+        return label, f"{self.seconds:.1f} s {detail}"
+
 
 @dataclass
 class StepResults(RunResults):

@@ -147,8 +147,8 @@ def summary(results: Results) -> list[tuple[str, str]]:
                          "depths " + ",".join(map(str, depths)),
                          " ".join(accs) + f"; {verdict}"))
     steps = results.config["steps"]
-    rows.append(("depth time", f"{results.seconds:.1f} s ({len(results.cases)} nets, "
-                               f"{steps:,} steps each)"))
+    rows.append(results.time_row("depth time",
+                                 f"({len(results.cases)} nets, {steps:,} steps each)"))
     return rows
 
 

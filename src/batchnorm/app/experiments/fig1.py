@@ -257,7 +257,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                  "mean of 100 units",
                  f"without BN {dp['all_units_late_median_drift']:.3f}  |  "
                  f"with BN {db['all_units_late_median_drift']:.3f}"))
-    rows.append(("fig1 time", f"{results.seconds:.1f} s for {last:,} steps (both nets)"))
+    rows.append(results.time_row("fig1 time", f"for {last:,} steps (both nets)"))
     return rows
 
 

@@ -134,7 +134,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      " ".join(f"{r:.3f}" for r in rel)))
         rows.append((f"{LABELS[n]}: test accuracy at the last measure",
                      f"{acc:.4f} (step {results.steps[-1] if results.steps else 0:,})"))
-    rows.append(("time", f"{results.seconds:.1f} s for {last:,} steps (four nets)"))
+    rows.append(results.time_row("time", f"for {last:,} steps (four nets)"))
     return rows
 
 

@@ -142,7 +142,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      "  |  ".join(f"{LABELS[n]} {late[n][key]:.4g}" for n in NETS)))
     accs = "  |  ".join(f"{LABELS[n]} {results.accuracy[n][-1]:.4f}" for n in NETS)
     rows.append((f"test accuracy at step {results.steps[-1] if results.steps else 0:,}", accs))
-    rows.append(("time", f"{results.seconds:.1f} s for {results.config['steps']:,} steps"))
+    rows.append(results.time_row("time", f"for {results.config['steps']:,} steps"))
     return rows
 
 

@@ -172,7 +172,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      f"median moves {d['median_step']:.3f} and 15-85 spread "
                      f"{d['spread_step']:.3f} per evaluation; median range "
                      f"{d['median_range']:.3f}"))
-    rows.append(("time", f"{results.seconds:.1f} s for {last:,} steps (three nets)"))
+    rows.append(results.time_row("time", f"for {last:,} steps (three nets)"))
     return rows
 
 

@@ -96,7 +96,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      f"final EMA {ema:.4f} | exact {exact:.4f}; exact - EMA: mean "
                      f"{mean * 100:+.1f} points, first half {early * 100:+.1f}"))
     rows.append(("population verdict", verdict(results)))
-    rows.append(("population time", f"{results.seconds:.1f} s ({len(results.cases)} nets)"))
+    rows.append(results.time_row("population time", f"({len(results.cases)} nets)"))
     return rows
 
 

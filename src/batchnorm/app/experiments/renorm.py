@@ -151,7 +151,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
             rows.append((f"renorm {_describe(results.config, s)}",
                          f"BN {bn['accuracy']:.4f}  |  Batch Renorm {rn['accuracy']:.4f}"))
     rows.append(("renorm verdict", verdict(results)))
-    rows.append(("renorm time", f"{results.seconds:.1f} s ({len(results.cases)} nets)"))
+    rows.append(results.time_row("renorm time", f"({len(results.cases)} nets)"))
     return rows
 
 

@@ -204,7 +204,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      f"SyncBN {c['syncbn_calls_per_step']:.0f} calls, "
                      f"{c['syncbn_ms_per_step']:.3f} ms; gradient all-reduce "
                      f"{c['grad_allreduce_ms_per_step']:.3f} ms (rank 0)"))
-    rows.append(("sync time", f"{results.seconds:.1f} s for {last:,} steps ({cfg['engine']})"))
+    rows.append(results.time_row("sync time", f"for {last:,} steps ({cfg['engine']})"))
     return rows
 
 
