@@ -32,9 +32,10 @@ implements it. Adding an experiment is one line here plus its module, which prov
     the report's heading, the claim tested, and whether this run agrees, in words.
 
 A training loop takes its steps with :func:`~batchnorm.app.experiments.common.train_step`
-(one net of a sweep: :func:`~batchnorm.app.experiments.common.train_net`) and calls :func:`~batchnorm.app.experiments.common.check_interrupt` where a step is
-complete: Ctrl-C then stops there, so the checkpoint it writes is a state the
-uninterrupted run passes through too.
+(one net of a sweep: :func:`~batchnorm.app.experiments.common.train_net`) and calls
+:func:`~batchnorm.app.experiments.common.check_interrupt` where a step is complete: Ctrl-C
+then stops there, so the checkpoint it writes is a state the uninterrupted run passes
+through too.
 """
 
 from __future__ import annotations

@@ -174,6 +174,7 @@ class AveragedGradients:
 # -- results ----------------------------------------------------------------------------
 ResultsT = TypeVar("ResultsT", bound="JsonResults")
 SweepT = TypeVar("SweepT", bound="SweepResults")
+RunT = TypeVar("RunT", bound="RunResults")
 
 
 class JsonResults:
@@ -185,15 +186,6 @@ class JsonResults:
     @classmethod
     def from_dict(cls: type[ResultsT], d: dict[str, Any]) -> ResultsT:
         return cls(**d)
-
-
-def new_results(results_type: type[ResultsT], config: Any, data: Dataset, names: Iterable[str],
-                *histories: str) -> ResultsT:
-    """Empty results of a run of ``config`` on ``data``: for each field in ``histories``, an
-    empty list per name (net or arm)."""
-    names = tuple(names)
-    return results_type(config=jsonable(dataclasses.asdict(config)),  # type: ignore[call-arg]
-                        dataset=data.describe(), **{k: {n: [] for n in names} for k in histories})
 
 
 @dataclass
@@ -209,6 +201,16 @@ class RunResults(JsonResults):
     def time_row(self, label: str, detail: str) -> tuple[str, str]:
         """The summary's row of how long the run took; ``detail`` says what ran."""
         return label, f"{self.seconds:.1f} s {detail}"
+
+
+def new_results(results_type: type[RunT], config: Any, data: Dataset, names: Iterable[str],
+                *histories: str) -> RunT:
+    """Empty results of a run of ``config`` on ``data``: for each field in ``histories``, an
+    empty list per name (net or arm)."""
+    names = tuple(names)
+    empty: dict[str, Any] = {k: {n: [] for n in names} for k in histories}
+    return results_type(config=jsonable(dataclasses.asdict(config)), dataset=data.describe(),
+                        **empty)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from batchnorm.nn.layers import Linear, Sequential
 from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
-ResultsT = TypeVar("ResultsT", bound=common.JsonResults)
+ResultsT = TypeVar("ResultsT", bound=common.RunResults)
 
 
 @dataclass
