@@ -19,9 +19,8 @@ import numpy as np
 
 from batchnorm.app import data as data_mod
 from batchnorm.app.experiments import common
-from batchnorm.app.experiments.renorm import network
+from batchnorm.app.experiments.renorm import NetSettings, net_and_optimizer
 from batchnorm.nn import update_bn_stats
-from batchnorm.nn.optim import SGD
 
 NAME = "population"
 CLAIM = ("EMA running statistics lag behind weights that change quickly (most with a small "
@@ -31,15 +30,12 @@ CLAIM = ("EMA running statistics lag behind weights that change quickly (most wi
 
 
 @dataclass
-class Config(common.TrainSettings):
+class Config(NetSettings):
     momenta: tuple[float, ...] = (0.1, 0.01, 0.001)
     steps: int = 3000
-    batch: int = 32
     lr: float = 0.1
-    momentum: float = 0.9
     evals: int = 15
     population_batches: int = 100
-    hidden: tuple[int, ...] = (100, 100, 100)
 
 
 class Results(common.SweepResults):
@@ -50,9 +46,7 @@ class Results(common.SweepResults):
 
 def train_case(config: Config, data: data_mod.Dataset, bn_momentum: float) -> dict[str, Any]:
     started = time.perf_counter()
-    sizes = [data.num_features, *config.hidden, data.num_classes]
-    net = network(sizes, "bn", bn_momentum, np.random.default_rng([config.seed, 0]))
-    opt = SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
+    net, opt = net_and_optimizer(config, data, "bn", bn_momentum)
     sampler = common.BatchSampler(data.x_train, data.y_train, config.batch,
                                   np.random.default_rng([config.seed, 1]))
     curve: list[list[float]] = []

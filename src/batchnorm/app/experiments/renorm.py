@@ -33,21 +33,28 @@ LAYERS = ("bn", "renorm")
 
 
 @dataclass
-class Config(common.TrainSettings):
-    steps: int = 4000
-    small_batch: int = 4
+class NetSettings(common.TrainSettings):
+    """The ReLU network of :func:`network` and its training, which renorm and population
+    share: SGD with momentum on batches of ``batch``, test accuracy measured ``evals`` times."""
+
     batch: int = 32
-    classes_per_batch: int = 2
     lr: float = 0.02
     momentum: float = 0.9
+    evals: int = 10
+    hidden: tuple[int, ...] = (100, 100, 100)
+
+
+@dataclass
+class Config(NetSettings):
+    steps: int = 4000
+    small_batch: int = 4
+    classes_per_batch: int = 2
     bn_momentum: float = 0.01
     rmax: float = 3.0
     dmax: float = 5.0
     warmup: float = 0.1  # fraction of steps with rmax=1, dmax=0
     relax_r: float = 0.5  # fraction of steps at which rmax reaches its limit
     relax_d: float = 0.35  # ... and dmax
-    evals: int = 10
-    hidden: tuple[int, ...] = (100, 100, 100)
 
 
 class Results(common.SweepResults):
@@ -79,6 +86,14 @@ def network(sizes: list[int], layer: str, momentum: float, rng: np.random.Genera
     return net
 
 
+def net_and_optimizer(config: NetSettings, data: data_mod.Dataset, layer: str,
+                      bn_momentum: float) -> tuple[Sequential, SGD]:
+    """The network for ``data`` (weights seeded by ``config.seed``) and its SGD."""
+    sizes = [data.num_features, *config.hidden, data.num_classes]
+    net = network(sizes, layer, bn_momentum, np.random.default_rng([config.seed, 0]))
+    return net, SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
+
+
 class ClassSampler:
     """Minibatches of ``batch`` examples from ``k`` random classes, ``batch // k`` each."""
 
@@ -97,9 +112,7 @@ class ClassSampler:
 def train_case(config: Config, data: data_mod.Dataset, setting: str, layer: str
                ) -> dict[str, Any]:
     started = time.perf_counter()
-    sizes = [data.num_features, *config.hidden, data.num_classes]
-    net = network(sizes, layer, config.bn_momentum, np.random.default_rng([config.seed, 0]))
-    opt = SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
+    net, opt = net_and_optimizer(config, data, layer, config.bn_momentum)
     rng = np.random.default_rng([config.seed, 1])
     if setting != "non-iid":
         size = config.small_batch if setting == "small" else config.batch
