@@ -43,10 +43,18 @@ def plt() -> Any:
     return plt
 
 
-def tidy(ax: Any) -> None:
-    ax.grid(True, alpha=0.3)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+def subplots(nrows: int, ncols: int, figsize: tuple[float, float], **kwargs: Any
+             ) -> tuple[Any, Any]:
+    """A figure and its grid of axes (``matplotlib.pyplot.subplots``, drawn off-screen)."""
+    return plt().subplots(nrows, ncols, figsize=figsize, **kwargs)  # type: ignore[no-any-return]
+
+
+def tidy(*axes: Any) -> None:
+    """A light grid and no top or right frame on each of ``axes``."""
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
 
 
 def legend_below(ax: Any, ncol: int = 2, fontsize: float = 8) -> None:

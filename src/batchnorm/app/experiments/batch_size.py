@@ -20,7 +20,6 @@ import numpy as np
 from batchnorm.app import data as data_mod
 from batchnorm.app.experiments import common
 from batchnorm.nn.layers import mlp
-from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
 NAME = "batch-size"
@@ -31,7 +30,7 @@ CLAIM = ("BN estimates its statistics from the batch: with very small batches th
 
 
 @dataclass
-class Config:
+class Config(common.TrainSettings):
     batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
     epochs: float = 5.0
     steps: int | None = None  # when set: steps at the largest batch size, instead of epochs
@@ -40,11 +39,6 @@ class Config:
     momentum: float = 0.0
     hidden: tuple[int, ...] = (100, 100, 100)
     init_std: float | None = None  # None: Xavier
-    seed: int = 0
-    mnist_dir: str | None = None
-    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
-    checkpoint_every: int = 1  # finished nets between checkpoints
-    threads: int = 1
 
 
 class Results(common.SweepResults):
@@ -68,38 +62,24 @@ def train_case(config: Config, data: data_mod.Dataset, batch: int, bn: bool) -> 
               rng=np.random.default_rng([config.seed, 0]))
     lr = config.lr * batch / config.base_batch
     opt = SGD(net.parameters(), lr=lr, momentum=config.momentum)
-    loss_fn = CrossEntropyLoss()
     sampler = common.BatchSampler(data.x_train, data.y_train, batch,
                                   np.random.default_rng([config.seed, 1, batch]))
     steps = max(1, samples(config, len(data.y_train)) // batch)
-    diverged = False
-    for _ in range(steps):
-        common.check_interrupt()  # Ctrl-C: this net is dropped, the sweep saves the others
-        xb, yb = sampler.next()
-        if not np.isfinite(common.train_step(net, loss_fn, opt, xb, yb)):
-            diverged = True
-            break
+    _, diverged = common.train_net(net, opt, sampler.next, steps)
     acc = 0.0 if diverged else common.accuracy(net, data.x_test, data.y_test)
     return {"batch_size": batch, "bn": bn, "lr": lr, "steps": steps, "accuracy": acc,
             "diverged": diverged, "seconds": time.perf_counter() - started}
 
 
-def run(
-    config: Config | None = None,
-    *,
-    data: data_mod.Dataset | None = None,
-    progress: common.Progress = common.no_progress,
-    checkpoint: common.Checkpoint | None = None,
-) -> Results:
-    config = config or Config()
+def _check(config: Config) -> None:
     if min(config.batch_sizes) < 2:
         raise ValueError("BN needs batches of at least 2 examples")
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed, config.data)
-    cases = [(b, bn) for b in config.batch_sizes for bn in (False, True)]
-    return common.sweep(NAME, Results, config, data, cases, train_case,
-                        lambda batch, bn: f"batch-size {batch} {'BN' if bn else 'plain'}",
-                        progress=progress, checkpoint=checkpoint)
+
+
+run = common.sweep_experiment(
+    NAME, Config, Results,
+    lambda config: [(b, bn) for b in config.batch_sizes for bn in (False, True)], train_case,
+    lambda batch, bn: f"batch-size {batch} {'BN' if bn else 'plain'}", check=_check)
 
 
 def summary(results: Results) -> list[tuple[str, str]]:
@@ -110,7 +90,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
             continue
         rows.append((f"batch-size {b} (lr {bn['lr']:.4g}, {bn['steps']:,} steps)",
                      f"without BN {_acc(plain)}  |  with BN {_acc(bn)}"))
-    rows.append(("batch-size time", f"{results.seconds:.1f} s ({len(results.cases)} nets)"))
+    rows.append(results.time_row("batch-size time", f"({len(results.cases)} nets)"))
     return rows
 
 

@@ -1,35 +1,39 @@
-"""What the experiments share: the training step, results, sweeps, batches, evaluation,
-checkpoints, progress and thread limits."""
+"""What the experiments share: settings and ``run``, the training step, results, sweeps,
+batches, evaluation, progress and thread limits (checkpoints and Ctrl-C: ``checkpoints``,
+re-exported here)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-import os
-import signal
-import sys
-import tempfile
-import threading
 import time
-import zipfile
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
+from batchnorm.app import data as data_mod
 from batchnorm.app.data import Dataset
+from batchnorm.app.experiments.checkpoints import (  # noqa: F401  (re-exported)
+    CHECKPOINT_NAME,
+    Checkpoint,
+    check_interrupt,
+    interrupt_at_step_boundaries,
+    interrupt_requested,
+    load_checkpoint,
+    prefixed,
+    save_checkpoint,
+    unprefixed,
+)
 from batchnorm.nn.layers import Sequential
+from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.module import Module
 
 # progress(done, total, description): called now and then by long runs
 Progress = Callable[[int, int, str], None]
 
-CHECKPOINT_NAME = "checkpoint.npz"
-_META_KEY = "__meta__"
 
 
 def no_progress(done: int, total: int, description: str) -> None:
@@ -39,6 +43,67 @@ def no_progress(done: int, total: int, description: str) -> None:
 def jsonable(value: Any) -> Any:
     """Plain JSON data (tuples become lists), so results compare equal after a round trip."""
     return json.loads(json.dumps(value))
+
+
+# -- settings and the run() every experiment has --------------------------------------
+@dataclass
+class Settings:
+    """The fields every experiment's Config has. The CLI's --seed --data --mnist-dir set
+    the same names."""
+
+    seed: int = 0
+    mnist_dir: str | None = None
+    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
+
+    def load(self) -> Dataset:
+        return data_mod.load(self.mnist_dir, self.seed, self.data)
+
+
+@dataclass
+class TrainSettings(Settings):
+    """Settings of an experiment that trains in this process."""
+
+    checkpoint_every: int = 1  # finished nets (sweeps) or steps between checkpoints; 0: off
+    threads: int = 1  # BLAS threads (small matrices: 1 is fastest)
+
+
+ConfigT = TypeVar("ConfigT", bound=Settings)
+ResultT = TypeVar("ResultT")
+
+
+class Experiment(Generic[ConfigT, ResultT]):
+    """An experiment's ``run(config=None, *, data=None, progress=no_progress,
+    checkpoint=None)``: the default Config when none is given, ``check(config)`` (raises
+    ValueError on bad settings), the dataset loaded from the config when none is given
+    (unless ``load`` is False), then ``body(config, data, progress, checkpoint)``."""
+
+    def __init__(self, config_type: Callable[[], ConfigT],
+                 body: Callable[[ConfigT, Any, Progress, Checkpoint | None], ResultT], *,
+                 check: Callable[[ConfigT], None] | None = None, load: bool = True) -> None:
+        self.config_type, self.body, self.check, self.load = config_type, body, check, load
+        self.__doc__ = body.__doc__
+
+    def __call__(self, config: ConfigT | None = None, *, data: Dataset | None = None,
+                 progress: Progress = no_progress, checkpoint: Checkpoint | None = None
+                 ) -> ResultT:
+        config = config or self.config_type()
+        if self.check is not None:
+            self.check(config)
+        if data is None and self.load:
+            data = config.load()
+        return self.body(config, data, progress, checkpoint)
+
+
+def check_schedule(steps: int, every: int, name: str) -> None:
+    """Raise ValueError unless ``steps`` >= 0 and the period ``every`` (named ``name``) >= 1."""
+    if steps < 0 or every < 1:
+        raise ValueError(f"steps must be >= 0 and {name} >= 1")
+
+
+def check_unit(unit: int, hidden: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``unit`` is a unit of the last hidden layer."""
+    if not 0 <= unit < hidden[-1]:
+        raise ValueError(f"unit must be in [0, {hidden[-1]}), got {unit}")
 
 
 # -- the training step ------------------------------------------------------------------
@@ -53,6 +118,31 @@ def train_step(model: Any, loss_fn: Any, optimizer: Any, x: np.ndarray, y: np.nd
     model.backward_params(loss_fn.backward())
     optimizer.step()
     return float(loss)
+
+
+def train_net(net: Any, optimizer: Any, draw: Callable[[], tuple[np.ndarray, np.ndarray]],
+              steps: int, *, every: int = 0, measure: Callable[[int], None] | None = None,
+              before: Callable[[int], None] | None = None, stop_on_divergence: bool = True
+              ) -> tuple[list[float], bool]:
+    """Train one net of a sweep for ``steps`` steps on batches from ``draw()``.
+
+    ``before(step)`` runs before step ``step`` (1-based); ``measure(step)`` after every
+    ``every``-th step and the last. Returns (the losses, diverged): with
+    ``stop_on_divergence`` training stops at the first non-finite loss, which is not listed.
+    """
+    loss_fn = CrossEntropyLoss()
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        check_interrupt()  # Ctrl-C: this net is dropped, the sweep saves the others
+        if before is not None:
+            before(step)
+        loss = train_step(net, loss_fn, optimizer, *draw())
+        if stop_on_divergence and not np.isfinite(loss):
+            return losses, True
+        losses.append(loss)
+        if measure is not None and (step % every == 0 or step == steps):
+            measure(step)
+    return losses, False
 
 
 class AveragedGradients:
@@ -84,6 +174,7 @@ class AveragedGradients:
 # -- results ----------------------------------------------------------------------------
 ResultsT = TypeVar("ResultsT", bound="JsonResults")
 SweepT = TypeVar("SweepT", bound="SweepResults")
+RunT = TypeVar("RunT", bound="RunResults")
 
 
 class JsonResults:
@@ -98,15 +189,44 @@ class JsonResults:
 
 
 @dataclass
-class SweepResults(JsonResults):
+class RunResults(JsonResults):
+    """What every experiment's results hold: its config, the dataset, the time it took and
+    whether it ran to the end."""
+
+    config: dict[str, Any]
+    dataset: str
+    seconds: float = 0.0
+    completed: bool = False
+
+    def time_row(self, label: str, detail: str) -> tuple[str, str]:
+        """The summary's row of how long the run took; ``detail`` says what ran."""
+        return label, f"{self.seconds:.1f} s {detail}"
+
+
+def new_results(results_type: type[RunT], config: Any, data: Dataset, names: Iterable[str],
+                *histories: str) -> RunT:
+    """Empty results of a run of ``config`` on ``data``: for each field in ``histories``, an
+    empty list per name (net or arm)."""
+    names = tuple(names)
+    empty: dict[str, Any] = {k: {n: [] for n in names} for k in histories}
+    return results_type(config=jsonable(dataclasses.asdict(config)), dataset=data.describe(),
+                        **empty)
+
+
+@dataclass
+class StepResults(RunResults):
+    """Results taken along training: test accuracy per net (or arm) at ``steps``."""
+
+    steps: list[int] = field(default_factory=list)
+    accuracy: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResults(RunResults):
     """A sweep's results: one dict per trained net, named by the values of its ``KEY`` fields."""
 
     KEY: ClassVar[tuple[str, ...]] = ()
-    config: dict[str, Any]
-    dataset: str
     cases: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-    completed: bool = False
 
     def find(self, *key: Any) -> dict[str, Any] | None:
         """The case whose ``KEY`` fields equal ``key``, or None when it has not run."""
@@ -166,6 +286,31 @@ def sweep(
     results.completed = True
     save()
     return results
+
+
+def sweep_experiment(
+    name: str,
+    config_type: Callable[[], ConfigT],
+    results_type: type[SweepT],
+    cases: Callable[[ConfigT], list[tuple[Any, ...]]],
+    train: Callable[..., dict[str, Any]],
+    label: Callable[..., str],
+    *,
+    weights: Callable[[list[tuple[Any, ...]]], list[int]] | None = None,
+    check: Callable[[ConfigT], None] | None = None,
+) -> Experiment[ConfigT, SweepT]:
+    """The ``run`` of a sweep: :func:`sweep` over ``cases(config)``."""
+
+    def body(config: ConfigT, data: Dataset, progress: Progress, checkpoint: Checkpoint | None
+             ) -> SweepT:
+        listed = cases(config)
+        return sweep(name, results_type, config, data, listed, train, label,
+                     weights=weights(listed) if weights else None, progress=progress,
+                     checkpoint=checkpoint)
+
+    body.__doc__ = (f"Train every net of the {name} sweep in turn; checkpoints after finished "
+                    "nets, and ``checkpoint.state`` (when set) resumes.")
+    return Experiment(config_type, body, check=check)
 
 
 # -- random state -----------------------------------------------------------------------
@@ -241,134 +386,6 @@ def forward_capture(model: Sequential, x: np.ndarray, index: int) -> np.ndarray:
         return x
     finally:
         model.train(was_training)
-
-
-# -- checkpoints ------------------------------------------------------------------------
-def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write arrays and JSON metadata to one .npz, atomically (temporary file, then rename).
-
-    A run killed at any moment leaves either the previous checkpoint or the new one.
-    """
-    path = Path(path)
-    for key, value in arrays.items():
-        if np.asarray(value).dtype.hasobject:
-            raise TypeError(f"checkpoint array {key!r} holds Python objects, not numbers")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{_META_KEY: blob}, **arrays)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(arrays, meta) from :func:`save_checkpoint`'s file; nothing is unpickled.
-
-    A damaged file raises ValueError saying what is wrong with it: empty, not a checkpoint,
-    truncated, or altered (a checksum or the metadata does not check out).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes): the run cannot be resumed")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a batchnorm checkpoint (not an .npz archive, or "
-                         "truncated): the run cannot be resumed")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-        if _META_KEY not in arrays:
-            raise ValueError("no metadata")
-        meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
-        if not isinstance(meta, dict):
-            raise ValueError("metadata is not a JSON object")
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, UnicodeDecodeError,
-            zlib.error) as exc:
-        raise ValueError(f"checkpoint {path} is damaged or not a batchnorm checkpoint "
-                         f"({type(exc).__name__}: {exc}): the run cannot be resumed") from None
-    return arrays, meta
-
-
-class Checkpoint:
-    """Where a run keeps its checkpoint, how often, and what it resumes from.
-
-    ``every`` is in the experiment's own unit (steps for fig1, finished cases for the
-    sweeps). ``resume`` holds the loaded (arrays, meta) when continuing a run.
-    """
-
-    def __init__(self, path: str | Path, every: int = 0, resume: bool = False):
-        self.path = Path(path)
-        self.every = every
-        self.state: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
-        if resume:
-            self.state = load_checkpoint(self.path)
-
-    def due(self, done: int) -> bool:
-        return self.every > 0 and done % self.every == 0
-
-    def save(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        save_checkpoint(self.path, arrays, meta)
-
-
-def prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {f"{prefix}/{k}": v for k, v in arrays.items()}
-
-
-def unprefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    head = prefix + "/"
-    return {k[len(head) :]: v for k, v in arrays.items() if k.startswith(head)}
-
-
-# -- Ctrl-C at a step boundary ------------------------------------------------------------
-class _Stop:
-    active = False
-    requested = False
-
-
-def interrupt_requested() -> bool:
-    """True once Ctrl-C was pressed inside :func:`interrupt_at_step_boundaries`."""
-    return _Stop.requested
-
-
-def check_interrupt() -> None:
-    """Raise KeyboardInterrupt when Ctrl-C was pressed: call it where a step is complete."""
-    if _Stop.requested:
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def interrupt_at_step_boundaries() -> Iterator[None]:
-    """Within: the first Ctrl-C (SIGINT) only sets a flag, which the training loops check
-    where a step is complete, so the checkpoint written then is a state the uninterrupted
-    run passes through too. A second Ctrl-C stops at once (the last checkpoint stays)."""
-    if _Stop.active or threading.current_thread() is not threading.main_thread():
-        yield  # already installed (or signals cannot be handled here)
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if _Stop.requested:
-            raise KeyboardInterrupt
-        _Stop.requested = True
-        print("\nCtrl-C: stopping after this step (press again to stop at once)",
-              file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    _Stop.active = True
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        _Stop.active = _Stop.requested = False
 
 
 # -- threads ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ AUTO_INIT = {"sigmoid": "xavier", "tanh": "xavier", "relu": "he"}
 
 
 @dataclass
-class Config:
+class Config(common.TrainSettings):
     depths: tuple[int, ...] = (2, 5, 10, 20, 30, 50)
     activations: tuple[str, ...] = ("sigmoid", "tanh", "relu")
     width: int = 100
@@ -46,11 +46,6 @@ class Config:
     init_std: float | None = None  # None: Xavier (sigmoid, tanh) or He (ReLU)
     grad_batch: int = 500  # examples behind the gradient norms at initialization
     train_threshold: float = 0.5  # test accuracy that counts as "trains"
-    seed: int = 0
-    mnist_dir: str | None = None
-    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
-    checkpoint_every: int = 1  # finished nets between checkpoints
-    threads: int = 1
 
 
 class Results(common.SweepResults):
@@ -104,21 +99,10 @@ def train_case(config: Config, data: data_mod.Dataset, activation: str, depth: i
     norms = gradient_norms(probe, data.x_train[:k], data.y_train[:k])
     net = build_net(config, activation, depth, bn, n_in, n_out)
     opt = SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
-    loss_fn = CrossEntropyLoss()
     sampler = common.BatchSampler(data.x_train, data.y_train, config.batch_size,
                                   np.random.default_rng([config.seed, depth, 1]))
-    tail = max(1, config.steps // 10)
-    tail_losses: list[float] = []
-    diverged = False
-    for step in range(config.steps):
-        common.check_interrupt()  # Ctrl-C: this net is dropped, the sweep saves the others
-        xb, yb = sampler.next()
-        loss = common.train_step(net, loss_fn, opt, xb, yb)
-        if not np.isfinite(loss):
-            diverged = True
-            break
-        if step >= config.steps - tail:
-            tail_losses.append(loss)
+    losses, diverged = common.train_net(net, opt, sampler.next, config.steps)
+    tail_losses = losses[config.steps - max(1, config.steps // 10) :]  # the last 10% of steps
     acc = 0.0 if diverged else common.accuracy(net, data.x_test, data.y_test)
     if not np.isfinite(acc):
         acc = 0.0
@@ -130,25 +114,17 @@ def train_case(config: Config, data: data_mod.Dataset, activation: str, depth: i
     }
 
 
-def run(
-    config: Config | None = None,
-    *,
-    data: data_mod.Dataset | None = None,
-    progress: common.Progress = common.no_progress,
-    checkpoint: common.Checkpoint | None = None,
-) -> Results:
-    """Every (activation, depth, BN or not) net in turn; checkpoints after finished nets."""
-    config = config or Config()
+def _check(config: Config) -> None:
     for a in config.activations:
         if a not in AUTO_INIT:
             raise ValueError(f"unknown activation {a!r}; expected one of {list(AUTO_INIT)}")
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed, config.data)
-    cases = case_list(config)
-    return common.sweep(NAME, Results, config, data, cases, train_case,
-                        lambda a, d, bn: f"depth {a} {d} {'BN' if bn else 'plain'}",
-                        weights=[d for _, d, _ in cases],  # layers: a fair proxy for time
-                        progress=progress, checkpoint=checkpoint)
+
+
+run = common.sweep_experiment(
+    NAME, Config, Results, case_list, train_case,
+    lambda a, d, bn: f"depth {a} {d} {'BN' if bn else 'plain'}",
+    weights=lambda cases: [d for _, d, _ in cases],  # layers: a fair proxy for time
+    check=_check)
 
 
 def summary(results: Results) -> list[tuple[str, str]]:
@@ -171,8 +147,8 @@ def summary(results: Results) -> list[tuple[str, str]]:
                          "depths " + ",".join(map(str, depths)),
                          " ".join(accs) + f"; {verdict}"))
     steps = results.config["steps"]
-    rows.append(("depth time", f"{results.seconds:.1f} s ({len(results.cases)} nets, "
-                               f"{steps:,} steps each)"))
+    rows.append(results.time_row("depth time",
+                                 f"({len(results.cases)} nets, {steps:,} steps each)"))
     return rows
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from batchnorm.app import data as data_mod
-from batchnorm.app.experiments import common
+from batchnorm.app.experiments import common, lockstep
 from batchnorm.nn.layers import Sequential, mlp
 from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
@@ -38,37 +38,23 @@ PERCENTILES = (15.0, 50.0, 85.0)
 
 
 @dataclass
-class Config:
+class Config(lockstep.TrainConfig):
     """Settings; the CLI's --steps --seed --lr --init-std --mnist-dir set the same names."""
 
     steps: int = 50_000
-    batch_size: int = 60
-    lr: float = 1.0
     momentum: float = 0.0
-    init_std: float = 0.01
-    hidden: tuple[int, ...] = (100, 100, 100)
     eval_every: int = 500
     unit: int = 0  # the sigmoid of the last hidden layer whose input Fig. 1(b, c) follows
-    seed: int = 0
-    mnist_dir: str | None = None
-    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
     checkpoint_every: int = 5_000  # steps; 0 turns periodic checkpoints off
-    threads: int = 1  # BLAS threads (small matrices: 1 is fastest)
 
 
 @dataclass
-class Results(common.JsonResults):
+class Results(common.StepResults):
     """Histories at the evaluated steps, per net ("plain", "bn")."""
 
-    config: dict[str, Any]
-    dataset: str
-    steps: list[int] = field(default_factory=list)
-    accuracy: dict[str, list[float]] = field(default_factory=dict)
     train_loss: dict[str, list[float]] = field(default_factory=dict)  # mean since last eval
     # [eval][percentile][unit]: percentiles of every last-layer sigmoid input over test digits
     percentiles: dict[str, list[list[list[float]]]] = field(default_factory=dict)
-    seconds: float = 0.0
-    completed: bool = False
 
     def unit_percentiles(self, net: str, unit: int | None = None) -> np.ndarray:
         """(evals, 3) array of the 15/50/85th percentiles of one unit's input."""
@@ -122,29 +108,21 @@ def _last_activation(net: Sequential) -> int:
     return len(net.layers) - 2  # layers end with [..., activation, Linear]
 
 
-def run(
-    config: Config | None = None,
-    *,
-    data: data_mod.Dataset | None = None,
-    progress: common.Progress = common.no_progress,
-    checkpoint: common.Checkpoint | None = None,
-) -> Results:
+def _check(config: Config) -> None:
+    common.check_schedule(config.steps, config.eval_every, "eval_every")
+    common.check_unit(config.unit, config.hidden)
+
+
+def _run(config: Config, data: data_mod.Dataset, progress: common.Progress,
+         checkpoint: common.Checkpoint | None) -> Results:
     """Train both nets; return their histories. ``checkpoint.state`` (when set) resumes."""
-    config = config or Config()
-    if config.steps < 0 or config.eval_every < 1:
-        raise ValueError("steps must be >= 0 and eval_every >= 1")
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed, config.data)
-    if not 0 <= config.unit < config.hidden[-1]:
-        raise ValueError(f"unit must be in [0, {config.hidden[-1]}), got {config.unit}")
     nets = build_nets(config, data.num_features, data.num_classes)
     opts = {n: SGD(nets[n].parameters(), lr=config.lr, momentum=config.momentum) for n in NETS}
     losses = {n: CrossEntropyLoss() for n in NETS}
     sampler = common.BatchSampler(data.x_train, data.y_train, config.batch_size,
                                   np.random.default_rng([config.seed, 1]))
-    results = Results(config=common.jsonable(dataclasses.asdict(config)), dataset=data.describe(),
-                      accuracy={n: [] for n in NETS}, train_loss={n: [] for n in NETS},
-                      percentiles={n: [] for n in NETS})
+    results = common.new_results(Results, config, data, NETS, "accuracy", "train_loss",
+                                 "percentiles")
     loss_sum = {n: 0.0 for n in NETS}
     alive = {n: True for n in NETS}
     step = 0
@@ -232,6 +210,9 @@ def run(
     return results
 
 
+run = common.Experiment(Config, _run, check=_check)
+
+
 def verdict(results: Results) -> str:
     """Whether this run agrees with the claim, in words."""
     if not results.steps:
@@ -276,7 +257,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                  "mean of 100 units",
                  f"without BN {dp['all_units_late_median_drift']:.3f}  |  "
                  f"with BN {db['all_units_late_median_drift']:.3f}"))
-    rows.append(("fig1 time", f"{results.seconds:.1f} s for {last:,} steps (both nets)"))
+    rows.append(results.time_row("fig1 time", f"for {last:,} steps (both nets)"))
     return rows
 
 
@@ -292,10 +273,9 @@ def figures(results: Results) -> list[Any]:
     """The report's figures (report.Figure), drawn with matplotlib."""
     from batchnorm.app import report
 
-    plt = report.plt()
     steps = np.asarray(results.steps)
     unit = results.config["unit"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = report.subplots(1, 3, figsize=(14, 4))
     ax = axes[0]
     for n in ("plain", "bn"):
         ax.plot(steps, results.accuracy[n], color=report.COLORS[n], label=report.LABELS[n])

@@ -13,7 +13,6 @@ and with BN. A "layer" is a Linear with its BN; layer 1 has nothing below it and
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,7 @@ from batchnorm.nn.layers import Sequential, mlp
 
 NAME = "ics"
 NETS = ("plain", "bn", "deep-plain", "deep-bn")
+SHIFTS = ("l2", "relative", "cosine")  # the fields of shift()'s measures
 LABELS = {"plain": "3 hidden layers, without BN", "bn": "3 hidden layers, with BN",
           "deep-plain": "deeper ReLU net, without BN", "deep-bn": "deeper ReLU net, with BN"}
 CLAIM = (
@@ -50,7 +50,7 @@ class Config(lockstep.TrainConfig):
 
 
 @dataclass
-class Results(lockstep.TrainResults):
+class Results(common.StepResults):
     """``steps``: where accuracy and the shift were taken. Per net, per measure, one value
     per layer 2..L of ||G - G'||, ||G - G'|| / ||G|| and cos(G, G')."""
 
@@ -96,42 +96,29 @@ def shift(net: Sequential, x: np.ndarray, y: np.ndarray, lr: float
     return l2, rel, cos
 
 
-def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
-        progress: common.Progress = common.no_progress,
-        checkpoint: common.Checkpoint | None = None) -> Results:
-    config = config or Config()
-    if config.steps < 0 or config.measure_every < 1:
-        raise ValueError("steps must be >= 0 and measure_every >= 1")
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed, config.data)
+def _check(config: Config) -> None:
+    common.check_schedule(config.steps, config.measure_every, "measure_every")
+
+
+def _run(config: Config, data: data_mod.Dataset, progress: common.Progress,
+         checkpoint: common.Checkpoint | None) -> Results:
     nets = build_nets(config, data.num_features, data.num_classes)
     trainer = lockstep.Lockstep(NAME, config, data, nets,
                                 lrs={"deep-plain": config.deep_lr, "deep-bn": config.deep_lr})
-    results = Results(config=common.jsonable(dataclasses.asdict(config)),
-                      dataset=data.describe(), accuracy={n: [] for n in NETS},
-                      l2={n: [] for n in NETS}, relative={n: [] for n in NETS},
-                      cosine={n: [] for n in NETS})
-    saved = trainer.restore(checkpoint)
-    if saved is not None:
-        results = Results.from_dict(saved)
+    results = trainer.start(Results, checkpoint, "accuracy", *SHIFTS)
 
-    def before_step(step: int, xb: np.ndarray, yb: np.ndarray) -> None:
-        if step % config.measure_every:
-            return
-        results.steps.append(step)
-        for n, net in nets.items():
-            alive = trainer.alive[n]
-            results.accuracy[n].append(
-                common.accuracy(net, data.x_test, data.y_test) if alive else float("nan"))
-            nan = [float("nan")] * (len(lockstep.linear_layers(net)) - 1)
-            l2, rel, cos = shift(net, xb, yb, trainer.lrs[n]) if alive else (nan, nan, nan)
-            results.l2[n].append(l2)
-            results.relative[n].append(rel)
-            results.cosine[n].append(cos)
+    def probe(n: str, net: Sequential, xb: np.ndarray, yb: np.ndarray) -> dict[str, Any]:
+        return dict(zip(SHIFTS, shift(net, xb, yb, trainer.lrs[n]), strict=True))
 
-    trainer.run(results, lambda step: None, every=config.measure_every,
-                before_step=before_step, progress=progress, checkpoint=checkpoint)
+    def dead(n: str) -> dict[str, Any]:
+        return dict.fromkeys(SHIFTS, [float("nan")] * (len(lockstep.linear_layers(nets[n])) - 1))
+
+    trainer.run_probed(results, config.measure_every, probe, dead, progress=progress,
+                       checkpoint=checkpoint)
     return results
+
+
+run = common.Experiment(Config, _run, check=_check)
 
 
 def summary(results: Results) -> list[tuple[str, str]]:
@@ -147,7 +134,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      " ".join(f"{r:.3f}" for r in rel)))
         rows.append((f"{LABELS[n]}: test accuracy at the last measure",
                      f"{acc:.4f} (step {results.steps[-1] if results.steps else 0:,})"))
-    rows.append(("time", f"{results.seconds:.1f} s for {last:,} steps (four nets)"))
+    rows.append(results.time_row("time", f"for {last:,} steps (four nets)"))
     return rows
 
 
@@ -175,13 +162,10 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm.app.report import Figure
-    from batchnorm.app.report import plt as _plt
-    from batchnorm.app.report import tidy as _tidy
+    from batchnorm.app import report
 
-    plt = _plt()
     steps = np.asarray(results.steps)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    fig, axes = report.subplots(2, 3, figsize=(15, 7.5))
     for row, (plain, bn) in enumerate((("plain", "bn"), ("deep-plain", "deep-bn"))):
         for n, style in ((plain, "-"), (bn, "-")):
             axes[row][0].plot(steps, results.accuracy[n], style, color=lockstep.COLORS[n],
@@ -203,10 +187,9 @@ def figures(results: Results) -> list[Any]:
         axes[row][0].legend(fontsize=7, loc="lower right")
         # the per-layer legend goes right of the row, where it covers no data
         axes[row][2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        for ax in axes[row]:
-            _tidy(ax)
+        report.tidy(*axes[row])
     fig.tight_layout()
     shows = (f"On {results.dataset}, measured every {results.config['measure_every']} steps. "
              "Top row: the Figure 1 network; bottom row: the deeper one. Lines from light to "
              "dark go from layer 2 to the last layer. " + verdict(results))
-    return [Figure("ics", fig, "Does BN reduce internal covariate shift?", shows, CLAIM)]
+    return [report.Figure("ics", fig, "Does BN reduce internal covariate shift?", shows, CLAIM)]

@@ -17,7 +17,6 @@ Probes work on copies of the nets: training goes on exactly as without them.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,7 @@ from batchnorm.nn.layers import Sequential, mlp
 
 NAME = "landscape"
 NETS = ("plain", "bn")
+PROBES = ("loss", "grad_norm", "path_loss", "grad_change")  # the fields of probe()'s values
 LABELS = {"plain": "without BN", "bn": "with BN"}
 CLAIM = (
     "Santurkar et al. (2018, section 3.1, Fig. 4) propose what BN really changes: it makes the "
@@ -48,7 +48,7 @@ class Config(lockstep.TrainConfig):
 
 
 @dataclass
-class Results(lockstep.TrainResults):
+class Results(common.StepResults):
     """``steps``: where the probes were taken; ``loss`` and ``grad_norm``: at the probe's
     start; [probe][step size]: the loss and ||g' - g|| at each point along -g."""
 
@@ -94,46 +94,32 @@ def build_nets(config: Config, num_features: int, num_classes: int) -> dict[str,
             for n in NETS}
 
 
-def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
-        progress: common.Progress = common.no_progress,
-        checkpoint: common.Checkpoint | None = None) -> Results:
-    config = config or Config()
-    if config.steps < 0 or config.probe_every < 1:
-        raise ValueError("steps must be >= 0 and probe_every >= 1")
+def _check(config: Config) -> None:
+    common.check_schedule(config.steps, config.probe_every, "probe_every")
     if min(config.step_sizes, default=0.0) < 0:
         raise ValueError(f"step sizes must be >= 0, got {config.step_sizes}")
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed, config.data)
+
+
+def _run(config: Config, data: data_mod.Dataset, progress: common.Progress,
+         checkpoint: common.Checkpoint | None) -> Results:
     nets = build_nets(config, data.num_features, data.num_classes)
     trainer = lockstep.Lockstep(NAME, config, data, nets)
-    results = Results(config=common.jsonable(dataclasses.asdict(config)),
-                      dataset=data.describe())
-    for key in ("accuracy", "loss", "path_loss", "grad_change", "grad_norm"):
-        setattr(results, key, {n: [] for n in NETS})
-    saved = trainer.restore(checkpoint)
-    if saved is not None:
-        results = Results.from_dict(saved)
+    results = trainer.start(Results, checkpoint, "accuracy", *PROBES)
     etas = [s * config.lr for s in config.step_sizes]
 
-    def before_step(step: int, xb: np.ndarray, yb: np.ndarray) -> None:
-        if step % config.probe_every:
-            return
-        results.steps.append(step)
-        for n, net in nets.items():
-            alive = trainer.alive[n]
-            nan = float("nan")
-            loss, norm, losses, changes = (probe(net, xb, yb, etas) if alive
-                                           else (nan, nan, [nan] * len(etas), [nan] * len(etas)))
-            results.accuracy[n].append(
-                common.accuracy(net, data.x_test, data.y_test) if alive else nan)
-            results.loss[n].append(loss)
-            results.grad_norm[n].append(norm)
-            results.path_loss[n].append(losses)
-            results.grad_change[n].append(changes)
+    def measure(n: str, net: Sequential, xb: np.ndarray, yb: np.ndarray) -> dict[str, Any]:
+        return dict(zip(PROBES, probe(net, xb, yb, etas), strict=True))
 
-    trainer.run(results, lambda step: None, every=config.probe_every,
-                before_step=before_step, progress=progress, checkpoint=checkpoint)
+    def dead(n: str) -> dict[str, Any]:
+        nan = float("nan")
+        return dict(zip(PROBES, (nan, nan, [nan] * len(etas), [nan] * len(etas)), strict=True))
+
+    trainer.run_probed(results, config.probe_every, measure, dead, progress=progress,
+                       checkpoint=checkpoint)
     return results
+
+
+run = common.Experiment(Config, _run, check=_check)
 
 
 def _late(results: Results, net: str) -> dict[str, float]:
@@ -156,7 +142,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      "  |  ".join(f"{LABELS[n]} {late[n][key]:.4g}" for n in NETS)))
     accs = "  |  ".join(f"{LABELS[n]} {results.accuracy[n][-1]:.4f}" for n in NETS)
     rows.append((f"test accuracy at step {results.steps[-1] if results.steps else 0:,}", accs))
-    rows.append(("time", f"{results.seconds:.1f} s for {results.config['steps']:,} steps"))
+    rows.append(results.time_row("time", f"for {results.config['steps']:,} steps"))
     return rows
 
 
@@ -175,13 +161,10 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm.app.report import Figure
-    from batchnorm.app.report import plt as _plt
-    from batchnorm.app.report import tidy as _tidy
+    from batchnorm.app import report
 
-    plt = _plt()
     steps = np.asarray(results.steps)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = report.subplots(1, 3, figsize=(15, 4))
     for n in NETS:
         m, color = results.measures(n), lockstep.COLORS[n]
         axes[0].fill_between(steps, m["loss_min"], m["loss_max"], color=color, alpha=0.4,
@@ -195,10 +178,10 @@ def figures(results: Results) -> list[Any]:
     axes[2].set(title="(c) effective beta-smoothness", xlabel="training step", yscale="log")
     for ax in axes:
         ax.legend(fontsize=8, loc="best")
-        _tidy(ax)
+    report.tidy(*axes)
     fig.tight_layout()
     sizes = ", ".join(f"{s:g}" for s in results.config["step_sizes"])
     shows = (f"On {results.dataset}; every {results.config['probe_every']} steps, steps of "
              f"{sizes} times the learning rate along the gradient. " + verdict(results))
-    return [Figure("landscape", fig, "Does BN make the loss landscape smoother?", shows,
+    return [report.Figure("landscape", fig, "Does BN make the loss landscape smoother?", shows,
                    CLAIM)]

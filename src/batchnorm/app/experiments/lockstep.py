@@ -15,8 +15,8 @@ import dataclasses
 import time
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,34 +26,20 @@ from batchnorm.nn.layers import Linear, Sequential
 from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
+ResultsT = TypeVar("ResultsT", bound=common.RunResults)
+
 
 @dataclass
-class TrainConfig:
-    """The settings every lockstep experiment has: the Figure 1 network and its training.
-    The CLI's --steps --seed --lr --init-std --data --mnist-dir set the same names."""
+class TrainConfig(common.TrainSettings):
+    """The settings of the Figure 1 network and its training, which fig1 and every lockstep
+    experiment have. The CLI's --steps --lr --init-std set the same names."""
 
     steps: int = 10_000
     batch_size: int = 60
     lr: float = 1.0
     init_std: float = 0.01
     hidden: tuple[int, ...] = (100, 100, 100)
-    seed: int = 0
-    mnist_dir: str | None = None
-    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
     checkpoint_every: int = 2_500  # steps; 0 turns periodic checkpoints off
-    threads: int = 1  # BLAS threads (small matrices: 1 is fastest)
-
-
-@dataclass
-class TrainResults(common.JsonResults):
-    """What every lockstep experiment records: test accuracy per net at ``steps``."""
-
-    config: dict[str, Any]
-    dataset: str
-    steps: list[int] = field(default_factory=list)
-    accuracy: dict[str, list[float]] = field(default_factory=dict)
-    seconds: float = 0.0
-    completed: bool = False
 
 
 class Lockstep:
@@ -86,6 +72,15 @@ class Lockstep:
                 "rngs": {k: common.rng_state(g) for k, g in self.rngs.items()},
                 "results": results.to_dict()}
         checkpoint.save(arrays, meta)
+
+    def start(self, results_type: type[ResultsT], checkpoint: common.Checkpoint | None,
+              *histories: str) -> ResultsT:
+        """The run's results: from the checkpoint (whose state the nets then hold) when it
+        has one, else new and empty, with a list per net for each field in ``histories``."""
+        saved = self.restore(checkpoint)
+        if saved is not None:
+            return results_type.from_dict(saved)
+        return common.new_results(results_type, self.config, self.data, self.nets, *histories)
 
     def restore(self, checkpoint: common.Checkpoint | None) -> dict[str, Any] | None:
         """Load the checkpoint's state into the nets; returns the saved results (or None)."""
@@ -128,6 +123,31 @@ class Lockstep:
         results.seconds = time.perf_counter() - started
         results.completed = True
         self.save(checkpoint, results)
+
+    def run_probed(self, results: Any, every: int,
+                   probe: Callable[[str, Sequential, np.ndarray, np.ndarray], dict[str, Any]],
+                   dead: Callable[[str], dict[str, Any]], *,
+                   progress: common.Progress = common.no_progress,
+                   checkpoint: common.Checkpoint | None = None) -> None:
+        """:meth:`run`, recording before every ``every``-th step (the step 0 included) the
+        step, each net's test accuracy and the fields ``probe(name, net, xb, yb)`` returns
+        for the batch the nets are about to learn from; a diverged net gets NaN accuracy
+        and ``dead(name)``."""
+
+        def before_step(step: int, xb: np.ndarray, yb: np.ndarray) -> None:
+            if step % every:
+                return
+            results.steps.append(step)
+            for n, net in self.nets.items():
+                alive = self.alive[n]
+                results.accuracy[n].append(common.accuracy(net, self.data.x_test,
+                                                           self.data.y_test)
+                                           if alive else float("nan"))
+                for key, value in (probe(n, net, xb, yb) if alive else dead(n)).items():
+                    getattr(results, key)[n].append(value)
+
+        self.run(results, lambda step: None, every=every, before_step=before_step,
+                 progress=progress, checkpoint=checkpoint)
 
     def _one_step(self, measure: Callable[[int], None], every: int,
                   before_step: Callable[[int, np.ndarray, np.ndarray], None] | None

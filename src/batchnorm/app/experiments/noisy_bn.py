@@ -13,7 +13,6 @@ percentiles of one unit's sigmoid input in the last hidden layer.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +49,7 @@ class Config(lockstep.TrainConfig):
 
 
 @dataclass
-class Results(lockstep.TrainResults):
+class Results(common.StepResults):
     # [eval][percentile]: the followed unit's sigmoid input on the probe batch, in training
     percentiles: dict[str, list[list[float]]] = field(default_factory=dict)
 
@@ -131,25 +130,17 @@ def _sigmoid_input(net: Sequential, x: np.ndarray, unit: int) -> np.ndarray:
     return x[:, unit]
 
 
-def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
-        progress: common.Progress = common.no_progress,
-        checkpoint: common.Checkpoint | None = None) -> Results:
-    config = config or Config()
-    if config.steps < 0 or config.eval_every < 1:
-        raise ValueError("steps must be >= 0 and eval_every >= 1")
-    if not 0 <= config.unit < config.hidden[-1]:
-        raise ValueError(f"unit must be in [0, {config.hidden[-1]}), got {config.unit}")
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed, config.data)
+def _check(config: Config) -> None:
+    common.check_schedule(config.steps, config.eval_every, "eval_every")
+    common.check_unit(config.unit, config.hidden)
+
+
+def _run(config: Config, data: data_mod.Dataset, progress: common.Progress,
+         checkpoint: common.Checkpoint | None) -> Results:
     noise_rng = np.random.default_rng([config.seed, 2])
     nets = build_nets(config, data.num_features, data.num_classes, noise_rng)
     trainer = lockstep.Lockstep(NAME, config, data, nets, rngs={"noise": noise_rng})
-    results = Results(config=common.jsonable(dataclasses.asdict(config)),
-                      dataset=data.describe(), accuracy={n: [] for n in NETS},
-                      percentiles={n: [] for n in NETS})
-    saved = trainer.restore(checkpoint)
-    if saved is not None:
-        results = Results.from_dict(saved)
+    results = trainer.start(Results, checkpoint, "accuracy", "percentiles")
     probe_x = data.x_train[: config.probe_size]
 
     def measure(step: int) -> None:
@@ -166,6 +157,9 @@ def run(config: Config | None = None, *, data: data_mod.Dataset | None = None,
     return results
 
 
+run = common.Experiment(Config, _run, check=_check)
+
+
 def summary(results: Results) -> list[tuple[str, str]]:
     rows = []
     last = results.steps[-1] if results.steps else 0
@@ -178,7 +172,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      f"median moves {d['median_step']:.3f} and 15-85 spread "
                      f"{d['spread_step']:.3f} per evaluation; median range "
                      f"{d['median_range']:.3f}"))
-    rows.append(("time", f"{results.seconds:.1f} s for {last:,} steps (three nets)"))
+    rows.append(results.time_row("time", f"for {last:,} steps (three nets)"))
     return rows
 
 
@@ -201,13 +195,10 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    from batchnorm.app.report import Figure
-    from batchnorm.app.report import plt as _plt
-    from batchnorm.app.report import tidy as _tidy
+    from batchnorm.app import report
 
-    plt = _plt()
     steps = np.asarray(results.steps)
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    fig, axes = report.subplots(1, 4, figsize=(16, 3.8))
     for n in NETS:
         axes[0].plot(steps, results.accuracy[n], color=lockstep.COLORS[n], label=LABELS[n])
     axes[0].set(title="(a) test accuracy", xlabel="training step", ylabel="accuracy")
@@ -222,8 +213,7 @@ def figures(results: Results) -> list[Any]:
         ax.set(title=f"({tag}) sigmoid input, {LABELS[n]}", xlabel="training step")
     lo = min(ax.get_ylim()[0] for ax in axes[1:])
     hi = max(ax.get_ylim()[1] for ax in axes[1:])
-    for ax in axes:
-        _tidy(ax)
+    report.tidy(*axes)
     for ax in axes[1:]:
         ax.set_ylim(lo, hi)
     # one legend for (b)-(d), below the panels, so that it covers no data
@@ -231,5 +221,5 @@ def figures(results: Results) -> list[Any]:
                bbox_to_anchor=(0.62, 0.0))
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     shows = " ".join(f"{k}: {v}." for k, v in summary(results)[:-1])
-    return [Figure("noisy-bn", fig, "Does BN work by keeping layer inputs steady?",
+    return [report.Figure("noisy-bn", fig, "Does BN work by keeping layer inputs steady?",
                    shows + " " + verdict(results), CLAIM)]

@@ -19,10 +19,8 @@ import numpy as np
 
 from batchnorm.app import data as data_mod
 from batchnorm.app.experiments import common
-from batchnorm.app.experiments.renorm import network
+from batchnorm.app.experiments.renorm import NetSettings, net_and_optimizer
 from batchnorm.nn import update_bn_stats
-from batchnorm.nn.losses import CrossEntropyLoss
-from batchnorm.nn.optim import SGD
 
 NAME = "population"
 CLAIM = ("EMA running statistics lag behind weights that change quickly (most with a small "
@@ -32,19 +30,12 @@ CLAIM = ("EMA running statistics lag behind weights that change quickly (most wi
 
 
 @dataclass
-class Config:
+class Config(NetSettings):
     momenta: tuple[float, ...] = (0.1, 0.01, 0.001)
     steps: int = 3000
-    batch: int = 32
     lr: float = 0.1
-    momentum: float = 0.9
     evals: int = 15
     population_batches: int = 100
-    hidden: tuple[int, ...] = (100, 100, 100)
-    seed: int = 0
-    mnist_dir: str | None = None
-    checkpoint_every: int = 1
-    threads: int = 1
 
 
 class Results(common.SweepResults):
@@ -55,42 +46,29 @@ class Results(common.SweepResults):
 
 def train_case(config: Config, data: data_mod.Dataset, bn_momentum: float) -> dict[str, Any]:
     started = time.perf_counter()
-    sizes = [data.num_features, *config.hidden, data.num_classes]
-    net = network(sizes, "bn", bn_momentum, np.random.default_rng([config.seed, 0]))
-    opt = SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
-    loss_fn = CrossEntropyLoss()
+    net, opt = net_and_optimizer(config, data, "bn", bn_momentum)
     sampler = common.BatchSampler(data.x_train, data.y_train, config.batch,
                                   np.random.default_rng([config.seed, 1]))
-    every = max(1, config.steps // config.evals)
-    curve = []
-    for step in range(1, config.steps + 1):
-        common.check_interrupt()  # Ctrl-C: this net is dropped, the sweep saves the others
-        common.train_step(net, loss_fn, opt, *sampler.next())
-        if step % every == 0 or step == config.steps:
-            ema = common.accuracy(net, data.x_test, data.y_test)
-            population = common.BatchSampler(data.x_train, data.y_train, config.batch,
-                                              np.random.default_rng([config.seed, 2, step]))
-            exact = update_bn_stats(copy.deepcopy(net),
-                                    (population.next() for _ in range(config.population_batches)))
-            curve.append([step, ema, common.accuracy(exact, data.x_test, data.y_test)])
+    curve: list[list[float]] = []
+
+    def measure(step: int) -> None:
+        ema = common.accuracy(net, data.x_test, data.y_test)
+        population = common.BatchSampler(data.x_train, data.y_train, config.batch,
+                                          np.random.default_rng([config.seed, 2, step]))
+        exact = update_bn_stats(copy.deepcopy(net),
+                                (population.next() for _ in range(config.population_batches)))
+        curve.append([step, ema, common.accuracy(exact, data.x_test, data.y_test)])
+
+    common.train_net(net, opt, sampler.next, config.steps,
+                     every=max(1, config.steps // config.evals), measure=measure,
+                     stop_on_divergence=False)
     return {"bn_momentum": bn_momentum, "steps": config.steps, "curve": curve,
             "seconds": time.perf_counter() - started}
 
 
-def run(
-    config: Config | None = None,
-    *,
-    data: data_mod.Dataset | None = None,
-    progress: common.Progress = common.no_progress,
-    checkpoint: common.Checkpoint | None = None,
-) -> Results:
-    config = config or Config()
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed)
-    cases = [(m,) for m in config.momenta]
-    return common.sweep(NAME, Results, config, data, cases, train_case,
-                        lambda m: f"population momentum {m:g}",
-                        progress=progress, checkpoint=checkpoint)
+run = common.sweep_experiment(NAME, Config, Results,
+                              lambda config: [(m,) for m in config.momenta], train_case,
+                              lambda m: f"population momentum {m:g}")
 
 
 def _gaps(case: dict[str, Any]) -> tuple[float, float, float]:
@@ -112,7 +90,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      f"final EMA {ema:.4f} | exact {exact:.4f}; exact - EMA: mean "
                      f"{mean * 100:+.1f} points, first half {early * 100:+.1f}"))
     rows.append(("population verdict", verdict(results)))
-    rows.append(("population time", f"{results.seconds:.1f} s ({len(results.cases)} nets)"))
+    rows.append(results.time_row("population time", f"({len(results.cases)} nets)"))
     return rows
 
 
@@ -132,14 +110,9 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    import matplotlib
+    from batchnorm.app import report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from batchnorm.app.report import Figure
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = report.subplots(1, 1, figsize=(7, 4.5))
     colors = ["#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b"]
     exact_drawn = False
     for i, m in enumerate(results.config["momenta"]):
@@ -156,5 +129,5 @@ def figures(results: Results) -> list[Any]:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return [Figure("population", fig, "EMA vs exact population statistics", verdict(results),
+    return [report.Figure("population", fig, "EMA vs exact population statistics", verdict(results),
                    CLAIM)]

@@ -20,7 +20,6 @@ import numpy as np
 from batchnorm.app import data as data_mod
 from batchnorm.app.experiments import common
 from batchnorm.nn import BatchNorm1d, BatchRenorm1d, Linear, ReLU, Sequential
-from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
 NAME = "renorm"
@@ -34,25 +33,28 @@ LAYERS = ("bn", "renorm")
 
 
 @dataclass
-class Config:
-    steps: int = 4000
-    small_batch: int = 4
+class NetSettings(common.TrainSettings):
+    """The ReLU network of :func:`network` and its training, which renorm and population
+    share: SGD with momentum on batches of ``batch``, test accuracy measured ``evals`` times."""
+
     batch: int = 32
-    classes_per_batch: int = 2
     lr: float = 0.02
     momentum: float = 0.9
+    evals: int = 10
+    hidden: tuple[int, ...] = (100, 100, 100)
+
+
+@dataclass
+class Config(NetSettings):
+    steps: int = 4000
+    small_batch: int = 4
+    classes_per_batch: int = 2
     bn_momentum: float = 0.01
     rmax: float = 3.0
     dmax: float = 5.0
     warmup: float = 0.1  # fraction of steps with rmax=1, dmax=0
     relax_r: float = 0.5  # fraction of steps at which rmax reaches its limit
     relax_d: float = 0.35  # ... and dmax
-    evals: int = 10
-    hidden: tuple[int, ...] = (100, 100, 100)
-    seed: int = 0
-    mnist_dir: str | None = None
-    checkpoint_every: int = 1
-    threads: int = 1
 
 
 class Results(common.SweepResults):
@@ -84,6 +86,14 @@ def network(sizes: list[int], layer: str, momentum: float, rng: np.random.Genera
     return net
 
 
+def net_and_optimizer(config: NetSettings, data: data_mod.Dataset, layer: str,
+                      bn_momentum: float) -> tuple[Sequential, SGD]:
+    """The network for ``data`` (weights seeded by ``config.seed``) and its SGD."""
+    sizes = [data.num_features, *config.hidden, data.num_classes]
+    net = network(sizes, layer, bn_momentum, np.random.default_rng([config.seed, 0]))
+    return net, SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
+
+
 class ClassSampler:
     """Minibatches of ``batch`` examples from ``k`` random classes, ``batch // k`` each."""
 
@@ -102,10 +112,7 @@ class ClassSampler:
 def train_case(config: Config, data: data_mod.Dataset, setting: str, layer: str
                ) -> dict[str, Any]:
     started = time.perf_counter()
-    sizes = [data.num_features, *config.hidden, data.num_classes]
-    net = network(sizes, layer, config.bn_momentum, np.random.default_rng([config.seed, 0]))
-    opt = SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
-    loss_fn = CrossEntropyLoss()
+    net, opt = net_and_optimizer(config, data, layer, config.bn_momentum)
     rng = np.random.default_rng([config.seed, 1])
     if setting != "non-iid":
         size = config.small_batch if setting == "small" else config.batch
@@ -118,35 +125,27 @@ def train_case(config: Config, data: data_mod.Dataset, setting: str, layer: str
             return data.x_train[idx], data.y_train[idx]
 
     renorms = [m for m in net.modules() if isinstance(m, BatchRenorm1d)]
-    every = max(1, config.steps // config.evals)
-    curve = []
-    for step in range(1, config.steps + 1):
-        common.check_interrupt()  # Ctrl-C: this net is dropped, the sweep saves the others
+    curve: list[list[float]] = []
+
+    def relax(step: int) -> None:
         rmax, dmax = schedule(config, step)
         for m in renorms:
             m.rmax, m.dmax = rmax, dmax
-        loss = common.train_step(net, loss_fn, opt, *draw())
-        if step % every == 0 or step == config.steps:
-            curve.append([step, common.accuracy(net, data.x_test, data.y_test)])
+
+    def measure(step: int) -> None:
+        curve.append([step, common.accuracy(net, data.x_test, data.y_test)])
+
+    losses, _ = common.train_net(net, opt, draw, config.steps,
+                                 every=max(1, config.steps // config.evals), measure=measure,
+                                 before=relax, stop_on_divergence=False)
     return {"setting": setting, "layer": layer, "steps": config.steps,
-            "accuracy": curve[-1][1], "curve": curve, "final_loss": float(loss),
+            "accuracy": curve[-1][1], "curve": curve, "final_loss": float(losses[-1]),
             "seconds": time.perf_counter() - started}
 
 
-def run(
-    config: Config | None = None,
-    *,
-    data: data_mod.Dataset | None = None,
-    progress: common.Progress = common.no_progress,
-    checkpoint: common.Checkpoint | None = None,
-) -> Results:
-    config = config or Config()
-    if data is None:
-        data = data_mod.load(config.mnist_dir, config.seed)
-    cases = [(s, n) for s in SETTINGS for n in LAYERS]
-    return common.sweep(NAME, Results, config, data, cases, train_case,
-                        lambda s, n: f"renorm {s} {'Batch Renorm' if n == 'renorm' else 'BN'}",
-                        progress=progress, checkpoint=checkpoint)
+run = common.sweep_experiment(
+    NAME, Config, Results, lambda config: [(s, n) for s in SETTINGS for n in LAYERS],
+    train_case, lambda s, n: f"renorm {s} {'Batch Renorm' if n == 'renorm' else 'BN'}")
 
 
 def _describe(config: dict[str, Any], setting: str) -> str:
@@ -165,7 +164,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
             rows.append((f"renorm {_describe(results.config, s)}",
                          f"BN {bn['accuracy']:.4f}  |  Batch Renorm {rn['accuracy']:.4f}"))
     rows.append(("renorm verdict", verdict(results)))
-    rows.append(("renorm time", f"{results.seconds:.1f} s ({len(results.cases)} nets)"))
+    rows.append(results.time_row("renorm time", f"({len(results.cases)} nets)"))
     return rows
 
 
@@ -184,14 +183,9 @@ def verdict(results: Results) -> str:
 
 
 def figures(results: Results) -> list[Any]:
-    import matplotlib
+    from batchnorm.app import report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from batchnorm.app.report import Figure
-
-    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(15, 4), sharey=True)
+    fig, axes = report.subplots(1, len(SETTINGS), figsize=(15, 4), sharey=True)
     for ax, s in zip(axes, SETTINGS, strict=True):
         for layer, color, label in (("bn", "#1f77b4", "BN"), ("renorm", "#2ca02c",
                                                               "Batch Renorm")):
@@ -204,4 +198,4 @@ def figures(results: Results) -> list[Any]:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    return [Figure("renorm", fig, "Batch Renorm vs BN", verdict(results), CLAIM)]
+    return [report.Figure("renorm", fig, "Batch Renorm vs BN", verdict(results), CLAIM)]

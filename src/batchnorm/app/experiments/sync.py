@@ -45,7 +45,7 @@ COLORS = {"plain": "#c0392b", "sync": "#1f5fa8", "single": "#2e7d32"}
 
 
 @dataclass
-class Config:
+class Config(common.Settings):
     """Settings; the CLI's --world-size --steps --seed --lr ... set the same names."""
 
     world_size: int = 4
@@ -56,27 +56,18 @@ class Config:
     init_std: float = 0.01
     hidden: tuple[int, ...] = (100, 100, 100)
     eval_every: int = 200
-    seed: int = 0
-    mnist_dir: str | None = None
-    data: str | None = None  # mnist, mnist5k or idx; None: idx with mnist_dir, else mnist5k
     engine: str = "mpi"  # "mpi" (mpiexec + mpi4py) or "gloo" (torch.distributed)
     backend: str = "numpy"  # BN backend in the workers (numba would JIT in every process)
     timeout: float = 1800.0  # seconds before the launch is killed
 
 
 @dataclass
-class Results(common.JsonResults):
+class Results(common.StepResults):
     """Histories at the evaluated steps, per arm ("plain", "sync", "single")."""
 
-    config: dict[str, Any]
-    dataset: str
-    steps: list[int] = field(default_factory=list)
-    accuracy: dict[str, list[float]] = field(default_factory=dict)
     train_loss: dict[str, list[float]] = field(default_factory=dict)  # mean since last eval
     max_param_diff_sync_vs_single: float = float("nan")
     collective: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    completed: bool = False
 
     def final(self, arm: str) -> float:
         return self.accuracy[arm][-1] if self.accuracy.get(arm) else float("nan")
@@ -93,7 +84,7 @@ def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any] | None:
     from batchnorm.distributed.launch import report_progress
 
     config = Config(**{**payload, "hidden": tuple(payload["hidden"])})
-    data = data_mod.load(config.mnist_dir, config.seed, config.data)
+    data = config.load()
     world, b, rank = ctx.size, config.batch_per_process, ctx.rank
     sizes = [data.num_features, *config.hidden, data.num_classes]
     timed = TimedComm(ctx.comm)
@@ -108,8 +99,7 @@ def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any] | None:
     losses = {a: CrossEntropyLoss() for a in nets}
     sampler = common.BatchSampler(data.x_train, data.y_train, world * b,
                                   np.random.default_rng([config.seed, 1]))
-    results = Results(config=dataclasses.asdict(config), dataset=data.describe(),
-                      accuracy={a: [] for a in ARMS}, train_loss={a: [] for a in ARMS})
+    results = common.new_results(Results, config, data, ARMS, "accuracy", "train_loss")
     loss_sum = dict.fromkeys(ARMS, 0.0)
     started = time.perf_counter()
 
@@ -159,13 +149,15 @@ def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any] | None:
     return results.to_dict()
 
 
-def run(
-    config: Config | None = None,
-    *,
-    data: data_mod.Dataset | None = None,
-    progress: common.Progress = common.no_progress,
-    checkpoint: common.Checkpoint | None = None,
-) -> Results:
+def _check(config: Config) -> None:
+    if config.world_size < 1 or config.batch_per_process < 1 or config.steps < 0:
+        raise ValueError("world_size and batch_per_process must be >= 1 and steps >= 0")
+    if config.batch_per_process == 1:
+        raise ValueError("batch_per_process must be >= 2: plain BN needs 2 values per channel")
+
+
+def _run(config: Config, data: data_mod.Dataset | None, progress: common.Progress,
+         checkpoint: common.Checkpoint | None) -> Results:
     """Launch ``config.world_size`` processes, train the three arms, return rank 0's results.
 
     ``data`` must be None (each process loads the dataset itself from ``config``);
@@ -175,13 +167,8 @@ def run(
     """
     from batchnorm.distributed.launch import launch
 
-    config = config or Config()
     if data is not None:
         raise ValueError("the sync experiment loads data in each process: pass mnist_dir")
-    if config.world_size < 1 or config.batch_per_process < 1 or config.steps < 0:
-        raise ValueError("world_size and batch_per_process must be >= 1 and steps >= 0")
-    if config.batch_per_process == 1:
-        raise ValueError("batch_per_process must be >= 2: plain BN needs 2 values per channel")
     progress(0, config.steps, f"sync  {config.world_size} processes ({config.engine})")
     payload = dataclasses.asdict(config)
     out = launch(config.world_size, "batchnorm.app.experiments.sync:worker", payload,
@@ -190,6 +177,9 @@ def run(
     results = Results.from_dict(out[0])
     progress(config.steps, config.steps, f"sync  acc {_accs(results)}")
     return results
+
+
+run = common.Experiment(Config, _run, check=_check, load=False)
 
 
 def _accs(results: Results) -> str:
@@ -214,7 +204,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      f"SyncBN {c['syncbn_calls_per_step']:.0f} calls, "
                      f"{c['syncbn_ms_per_step']:.3f} ms; gradient all-reduce "
                      f"{c['grad_allreduce_ms_per_step']:.3f} ms (rank 0)"))
-    rows.append(("sync time", f"{results.seconds:.1f} s for {last:,} steps ({cfg['engine']})"))
+    rows.append(results.time_row("sync time", f"for {last:,} steps ({cfg['engine']})"))
     return rows
 
 
@@ -234,8 +224,7 @@ def figures(results: Results) -> list[Any]:
     """Test accuracy and training loss along training, one line per arm (report.Figure)."""
     from batchnorm.app import report
 
-    plt = report.plt()
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_acc, ax_loss) = report.subplots(1, 2, figsize=(11, 4))
     for a in ARMS:
         style = {"linestyle": "--" if a == "single" else "-", "color": COLORS[a]}
         ax_acc.plot(results.steps, results.accuracy[a], label=LABELS[a], **style)
