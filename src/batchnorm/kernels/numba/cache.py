@@ -8,10 +8,9 @@ keyed on the kernel's file alone and is fragile when processes share it:
 - one directory per version of this package's kernel sources and numba, and per threading
   layer: the sources of ``batchnorm.math`` and ``batchnorm.kernels.numba.*`` are hashed
   together, since a kernel inlines helpers from other files that numba's per-file stamp
-  does not see; and parallel builds compiled under one layer ran 30% slower under another
-  (measured: (1024, 512) fwd+bwd under omp, 0.60 ms from workqueue-built entries against
-  0.44 ms from omp-built ones). The directory is ``$BATCHNORM_CACHE_DIR`` or
-  ``~/.cache/batchnorm`` (``$XDG_CACHE_HOME``), then ``numba-<hash>-<layer>``;
+  does not see; the layer is in the name as a precaution (parallel code calls the layer's
+  scheduler). The directory is ``$BATCHNORM_CACHE_DIR`` or ``~/.cache/batchnorm``
+  (``$XDG_CACHE_HOME``), then ``numba-<hash>-<layer>``;
 - an exclusive file lock around every compilation (``fcntl.flock`` on ``.lock`` there):
   numba rewrites a kernel's index by read-modify-write and numbers its data files, so two
   processes compiling different signatures at once could pair an index entry with the
