@@ -94,3 +94,13 @@ def test_unusable_cache_directory_is_skipped(tmp_path: Path) -> None:
     (r,) = _run(blocker, [7])
     assert r["err"] < 1e-12
     assert not r["cache"]["exists"]
+
+
+def test_serial_and_parallel_builds_keep_separate_entries() -> None:
+    """numba keys entries by name and bytecode, not flags: one name would mix the builds."""
+    from batchnorm.kernels.numba import fused, rows, segments
+
+    for kernel in (rows.stats, rows.normalize, segments.grad_sums, fused.rows_forward):
+        serial = kernel.serial._cache._cache_file._index_path
+        parallel = kernel.parallel._cache._cache_file._index_path
+        assert serial != parallel

@@ -5,11 +5,12 @@ process would pay it again for every kernel it calls. Each kernel here keeps num
 (the object code, loaded in milliseconds) with three changes, because numba's own cache is
 keyed on the kernel's file alone and is fragile when processes share it:
 
-- one directory per version of this package's kernel sources and numba: the sources of
-  ``batchnorm.math`` and ``batchnorm.kernels.numba.*`` are hashed together, since a kernel
-  inlines helpers from other files that numba's per-file stamp does not see. The directory
-  is ``$BATCHNORM_CACHE_DIR`` or ``~/.cache/batchnorm`` (``$XDG_CACHE_HOME``), then
-  ``numba-<hash>``;
+- one directory per version of this package's kernel sources and numba, and per threading
+  layer: the sources of ``batchnorm.math`` and ``batchnorm.kernels.numba.*`` are hashed
+  together, since a kernel inlines helpers from other files that numba's per-file stamp
+  does not see; the layer is in the name as a precaution (parallel code calls the layer's
+  scheduler). The directory is ``$BATCHNORM_CACHE_DIR`` or ``~/.cache/batchnorm``
+  (``$XDG_CACHE_HOME``), then ``numba-<hash>-<layer>``;
 - an exclusive file lock around every compilation (``fcntl.flock`` on ``.lock`` there):
   numba rewrites a kernel's index by read-modify-write and numbers its data files, so two
   processes compiling different signatures at once could pair an index entry with the
@@ -22,6 +23,7 @@ keyed on the kernel's file alone and is fragile when processes share it:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sys
@@ -54,22 +56,28 @@ def _stamp() -> str:
 STAMP = _stamp()
 
 
-def _directory() -> Path:
+def _layer() -> str:
+    """numba's threading layer, started or chosen (its name is part of the cache key)."""
+    if getattr(numba.np.ufunc.parallel, "_is_initialized", False):
+        return str(numba.threading_layer())
+    return str(numba.config.THREADING_LAYER)  # type: ignore[attr-defined]
+
+
+@functools.cache
+def directory() -> Path:
+    """Where compiled kernels are kept: fixed at the first kernel's creation in a process."""
     root = os.environ.get("BATCHNORM_CACHE_DIR")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(xdg, "batchnorm")
-    return Path(root) / f"numba-{STAMP}"
-
-
-DIRECTORY = _directory()  # where compiled kernels are kept (from the environment at import)
+    return Path(root) / f"numba-{STAMP}-{_layer()}"
 
 
 class _Locator(_CacheLocator):
-    """Every kernel of this package in :data:`DIRECTORY`, fresh while the sources are."""
+    """Every kernel of this package in :func:`directory`, fresh while the sources are."""
 
     def __init__(self, py_func: Any, py_file: str) -> None:
-        self._path = str(DIRECTORY)
+        self._path = str(directory())
         self._lineno = py_func.__code__.co_firstlineno
 
     def get_cache_path(self) -> str:
@@ -116,7 +124,7 @@ class _SafeCache(FunctionCache):
 
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
-    path = DIRECTORY
+    path = directory()
     try:
         path.mkdir(parents=True, exist_ok=True)
         handle = open(path / ".lock", "a+b")  # noqa: SIM115 (closed below)
@@ -147,7 +155,7 @@ def cached(dispatcher: Any) -> Any:
 
 def info() -> dict[str, Any]:
     """The cache's directory, size on disk and what this process did with it."""
-    path = DIRECTORY
+    path = directory()
     files = list(path.glob("*.nb[ic]")) if path.is_dir() else []
     return {
         "directory": str(path),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
+import types
 from typing import Any
 
 import numba
@@ -98,7 +99,13 @@ class Kernel:
         self.__name__ = body.__name__
         self.chunks_at = list(inspect.signature(body).parameters).index("chunks")
         self.serial = cached(njit(**FLAGS)(body))
-        self.parallel = cached(njit(**PARALLEL_FLAGS)(body))
+        # numba keys cache entries by name and bytecode, not by flags: the parallel build
+        # gets a copy of the body under its own name, or the two builds overwrite each other
+        twin = types.FunctionType(
+            body.__code__, body.__globals__, body.__name__, body.__defaults__, body.__closure__
+        )
+        twin.__qualname__ = f"{body.__qualname__}_parallel"
+        self.parallel = cached(njit(**PARALLEL_FLAGS)(twin))
 
     def __call__(self, *args: Any) -> Any:
         if args[self.chunks_at] == 1:
