@@ -21,16 +21,11 @@ from batchnorm.math import (
     renorm_correction,
     running_stats,
 )
+from batchnorm.nn import family as numpy_family
 from batchnorm.nn.family import GhostSettings, RenormSettings
+from batchnorm.torch.glue import too_few_values
 
-__all__ = [
-    "BatchRenorm1d",
-    "BatchRenorm2d",
-    "BatchRenorm3d",
-    "GhostBatchNorm1d",
-    "GhostBatchNorm2d",
-    "GhostBatchNorm3d",
-]
+__all__ = list(numpy_family.__all__)  # the same six classes as the NumPy family
 
 
 class _GroupedNorm(_BatchNorm):
@@ -56,10 +51,7 @@ class _GroupedNorm(_BatchNorm):
         full = batch // size
         per_sample = input[:1].numel() // self.num_features
         if (batch % size or size) * per_sample <= 1:  # checked before any state changes
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                f"{list(input.shape)} (chunks of {size} samples)"
-            )
+            raise too_few_values(list(input.shape), f" (chunks of {size} samples)")
         chunks = [input[: full * size].reshape((full, size) + input.shape[1:])]
         if batch % size:
             chunks.append(input[full * size :].unsqueeze(0))
