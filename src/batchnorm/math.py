@@ -32,6 +32,7 @@ __all__ = [
     "inverse_std",
     "merge_all",
     "module_call",
+    "module_call_of",
     "renorm_correction",
     "running_stats",
 ]
@@ -147,6 +148,18 @@ def module_call(
         momentum=factor,
         batch_stats=training or not has_running,
         pass_buffers=not training or track_running_stats,
+    )
+
+
+def module_call_of(module: Any) -> ModuleCall:
+    """:func:`module_call` for a BN module, NumPy's or torch's (same attribute names)."""
+    tracked = module.num_batches_tracked
+    return module_call(
+        module.training,
+        module.track_running_stats,
+        module.running_mean is not None and tracked is not None,
+        module.momentum,
+        lambda: int(tracked),
     )
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from batchnorm import functional as F
 from batchnorm import kernels
-from batchnorm.math import module_call
+from batchnorm.math import module_call_of
 from batchnorm.nn.module import Module, Parameter
 
 
@@ -117,13 +117,7 @@ class _BatchNorm(Module):
         x = np.asarray(x)
         self._check_input(x)
         tracked = self.num_batches_tracked
-        call = module_call(
-            self.training,
-            self.track_running_stats,
-            self.running_mean is not None and tracked is not None,
-            self.momentum,
-            lambda: int(tracked),  # type: ignore[arg-type]
-        )
+        call = module_call_of(self)
         y, self._cache = F.batch_norm_forward(
             x,
             None if self.weight is None else self.weight.data,

@@ -29,6 +29,7 @@ from batchnorm.math import (
     grad_coefficients,
     inverse_std,
     module_call,
+    module_call_of,
     renorm_correction,
     running_stats,
 )
@@ -119,9 +120,7 @@ class _GroupedNorm(_BatchNorm):
         self._check_input(x)
         self._check_settings()
         tracked = self.num_batches_tracked
-        has_running = self.running_mean is not None and tracked is not None
-        call = module_call(self.training, self.track_running_stats, has_running, self.momentum,
-                           lambda: int(tracked))  # type: ignore[arg-type]
+        call = module_call_of(self)
         self._family_cache = None
         if not call.batch_stats:
             return super().forward(x)
@@ -220,45 +219,6 @@ class _GroupedNorm(_BatchNorm):
         return layout.from3d(join(dxs, cache.parts, dy3.shape))
 
 
-class _BatchRenorm(_GroupedNorm):
-    r"""Batch Renormalization (Ioffe 2017): BN whose training output is corrected toward the
-    running statistics.
-
-    .. math:: y = \gamma \left(\frac{x - \mu_B}{\sigma_B} r + d\right) + \beta
-
-    with ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and ``d = clip((mu_B - running_mean) /
-    sigma, -dmax, dmax)`` from the running statistics before this batch
-    (:func:`batchnorm.math.renorm_correction`), held constant in the backward. The running
-    statistics update as BN's; eval is BN's eval, and ``rmax=1, dmax=0`` is BN. ``rmax`` and
-    ``dmax`` are attributes a training loop may change every step (the paper's schedule).
-
-    Args: BN's (:class:`batchnorm.BatchNorm2d`) plus ``rmax >= 1`` and ``dmax >= 0``;
-    ``track_running_stats`` must stay True.
-    """
-
-    def __init__(self, num_features: int, *args: Any, rmax: float = 3.0, dmax: float = 5.0,
-                 **kwargs: Any) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        if not self.track_running_stats:
-            raise ValueError("Batch Renorm needs running statistics: track_running_stats=True")
-        self.rmax, self.dmax = rmax, dmax
-        self._check_settings()
-
-    def _check_settings(self) -> None:
-        check_renorm_limits(self.rmax, self.dmax)
-
-    def _correct(
-        self, mean: np.ndarray, var: np.ndarray
-    ) -> tuple[np.ndarray | float, np.ndarray | float]:
-        assert self.running_mean is not None and self.running_var is not None
-        return renorm_correction(mean, var, self.running_mean.astype(np.float64),
-                                 self.running_var.astype(np.float64), self.eps, self.rmax,
-                                 self.dmax)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
-
-
 def check_renorm_limits(rmax: float, dmax: float) -> None:
     """ValueError unless ``rmax >= 1`` and ``dmax >= 0`` (finite numbers)."""
     if not (isinstance(rmax, (int, float)) and 1.0 <= rmax < float("inf")):
@@ -277,7 +237,80 @@ def check_virtual_batch_size(virtual_batch_size: Any) -> int:
     return int(virtual_batch_size)
 
 
-class _GhostBatchNorm(_GroupedNorm):
+class RenormSettings:
+    """Batch Renorm's settings for the NumPy and the torch classes (before the BN base in the
+    MRO): BN's constructor plus ``rmax`` and ``dmax``, checked when built and at each forward
+    (a training loop may change them every step)."""
+
+    rmax: float
+    dmax: float
+    track_running_stats: bool
+
+    def __init__(self, num_features: int, *args: Any, rmax: float = 3.0, dmax: float = 5.0,
+                 **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)  # type: ignore[call-arg]
+        if not self.track_running_stats:
+            raise ValueError("Batch Renorm needs running statistics: track_running_stats=True")
+        self.rmax, self.dmax = rmax, dmax
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        check_renorm_limits(self.rmax, self.dmax)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"  # type: ignore[misc]
+
+
+class GhostSettings:
+    """Ghost BN's settings for the NumPy and the torch classes (before the BN base in the
+    MRO): ``(num_features, virtual_batch_size, ...BN's arguments)``; chunks of
+    ``virtual_batch_size`` samples."""
+
+    virtual_batch_size: int
+
+    def __init__(self, num_features: int, virtual_batch_size: int, *args: Any,
+                 **kwargs: Any) -> None:
+        size = check_virtual_batch_size(virtual_batch_size)
+        super().__init__(num_features, *args, **kwargs)  # type: ignore[call-arg]
+        self.virtual_batch_size = size
+
+    def _check_settings(self) -> None:
+        check_virtual_batch_size(self.virtual_batch_size)
+
+    def _chunk_samples(self, batch: int) -> int:
+        return int(self.virtual_batch_size)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()  # type: ignore[misc]
+        return f"{s}, virtual_batch_size={self.virtual_batch_size}"
+
+
+class _BatchRenorm(RenormSettings, _GroupedNorm):
+    r"""Batch Renormalization (Ioffe 2017): BN whose training output is corrected toward the
+    running statistics.
+
+    .. math:: y = \gamma \left(\frac{x - \mu_B}{\sigma_B} r + d\right) + \beta
+
+    with ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and ``d = clip((mu_B - running_mean) /
+    sigma, -dmax, dmax)`` from the running statistics before this batch
+    (:func:`batchnorm.math.renorm_correction`), held constant in the backward. The running
+    statistics update as BN's; eval is BN's eval, and ``rmax=1, dmax=0`` is BN. ``rmax`` and
+    ``dmax`` are attributes a training loop may change every step (the paper's schedule).
+
+    Args: BN's (:class:`batchnorm.BatchNorm2d`) plus ``rmax >= 1`` and ``dmax >= 0``;
+    ``track_running_stats`` must stay True.
+    """
+
+    def _correct(
+        self, mean: np.ndarray, var: np.ndarray
+    ) -> tuple[np.ndarray | float, np.ndarray | float]:
+        assert self.running_mean is not None and self.running_var is not None
+        return renorm_correction(mean, var, self.running_mean.astype(np.float64),
+                                 self.running_var.astype(np.float64), self.eps, self.rmax,
+                                 self.dmax)
+
+
+class _GhostBatchNorm(GhostSettings, _GroupedNorm):
     """Ghost Batch Normalization (Hoffer et al. 2017): BN over chunks of the batch.
 
     The batch is split along its first axis into chunks of ``virtual_batch_size`` samples
@@ -288,20 +321,6 @@ class _GhostBatchNorm(_GroupedNorm):
     Args: ``num_features``, ``virtual_batch_size`` (a positive integer), then BN's.
     """
 
-    def __init__(self, num_features: int, virtual_batch_size: int, *args: Any,
-                 **kwargs: Any) -> None:
-        size = check_virtual_batch_size(virtual_batch_size)
-        super().__init__(num_features, *args, **kwargs)
-        self.virtual_batch_size = size
-
-    def _check_settings(self) -> None:
-        check_virtual_batch_size(self.virtual_batch_size)
-
-    def _chunk_samples(self, batch: int) -> int:
-        return int(self.virtual_batch_size)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
 
 class BatchRenorm1d(_BatchRenorm):

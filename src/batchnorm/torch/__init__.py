@@ -9,14 +9,8 @@ PyTorch's, same constructor). Needs the ``torch`` extra; the GPU kernels need ``
 this package imports without it. Dispatch rules: :mod:`batchnorm.torch.routing`.
 """
 
-from batchnorm.torch.family import (
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    GhostBatchNorm1d,
-    GhostBatchNorm2d,
-    GhostBatchNorm3d,
-)
+from batchnorm.torch import family
+from batchnorm.torch.family import *  # noqa: F403  (Batch Renorm, Ghost BN)
 from batchnorm.torch.fold import fold_batchnorm
 from batchnorm.torch.frozen import (
     FrozenBatchNorm,
@@ -52,16 +46,10 @@ __all__ = [
     "BatchNormReLU1d",
     "BatchNormReLU2d",
     "BatchNormReLU3d",
-    "BatchRenorm1d",
-    "BatchRenorm2d",
-    "BatchRenorm3d",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
-    "GhostBatchNorm1d",
-    "GhostBatchNorm2d",
-    "GhostBatchNorm3d",
     "SyncBatchNorm",
     "batch_norm",
     "bn_relu",
@@ -73,4 +61,5 @@ __all__ = [
     "revert_model",
     "route",
     "update_bn_stats",
+    *family.__all__,
 ]

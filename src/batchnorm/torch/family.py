@@ -14,17 +14,18 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.math import inverse_std, module_call, renorm_correction, running_stats
-from batchnorm.nn.family import check_renorm_limits, check_virtual_batch_size
+from batchnorm.math import (
+    inverse_std,
+    module_call,
+    module_call_of,
+    renorm_correction,
+    running_stats,
+)
+from batchnorm.nn import family as numpy_family
+from batchnorm.nn.family import GhostSettings, RenormSettings
+from batchnorm.torch.glue import too_few_values
 
-__all__ = [
-    "BatchRenorm1d",
-    "BatchRenorm2d",
-    "BatchRenorm3d",
-    "GhostBatchNorm1d",
-    "GhostBatchNorm2d",
-    "GhostBatchNorm3d",
-]
+__all__ = list(numpy_family.__all__)  # the same six classes as the NumPy family
 
 
 class _GroupedNorm(_BatchNorm):
@@ -42,10 +43,7 @@ class _GroupedNorm(_BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_settings()
-        tracked = self.num_batches_tracked
-        has_running = self.running_mean is not None and tracked is not None
-        call = module_call(self.training, self.track_running_stats, has_running, self.momentum,
-                           lambda: int(tracked))  # type: ignore[arg-type]
+        call = module_call_of(self)
         if not call.batch_stats:
             return super().forward(input)
         batch = input.shape[0]
@@ -53,10 +51,7 @@ class _GroupedNorm(_BatchNorm):
         full = batch // size
         per_sample = input[:1].numel() // self.num_features
         if (batch % size or size) * per_sample <= 1:  # checked before any state changes
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                f"{list(input.shape)} (chunks of {size} samples)"
-            )
+            raise too_few_values(list(input.shape), f" (chunks of {size} samples)")
         chunks = [input[: full * size].reshape((full, size) + input.shape[1:])]
         if batch % size:
             chunks.append(input[full * size :].unsqueeze(0))
@@ -96,52 +91,24 @@ class _GroupedNorm(_BatchNorm):
         return v.reshape((v.shape[0], 1, v.shape[1]) + (1,) * (ndim - 3))
 
 
-class _BatchRenorm(_GroupedNorm):
+class _BatchRenorm(RenormSettings, _GroupedNorm):
     """Batch Renormalization (Ioffe 2017); see :class:`batchnorm.nn.family._BatchRenorm`.
 
     BN's constructor plus ``rmax=3.0, dmax=5.0`` (attributes a training loop may change).
     """
-
-    def __init__(self, num_features: int, *args: Any, rmax: float = 3.0, dmax: float = 5.0,
-                 **kwargs: Any) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        if not self.track_running_stats:
-            raise ValueError("Batch Renorm needs running statistics: track_running_stats=True")
-        self.rmax, self.dmax = rmax, dmax
-        self._check_settings()
-
-    def _check_settings(self) -> None:
-        check_renorm_limits(self.rmax, self.dmax)
 
     def _correct(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[Any, Any]:
         assert self.running_mean is not None and self.running_var is not None
         return renorm_correction(mean, var, self.running_mean, self.running_var, self.eps,
                                  self.rmax, self.dmax)
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
 
-
-class _GhostBatchNorm(_GroupedNorm):
+class _GhostBatchNorm(GhostSettings, _GroupedNorm):
     """Ghost BN (Hoffer et al. 2017); see :class:`batchnorm.nn.family._GhostBatchNorm`.
 
     ``(num_features, virtual_batch_size, ...BN's arguments)``.
     """
 
-    def __init__(self, num_features: int, virtual_batch_size: int, *args: Any,
-                 **kwargs: Any) -> None:
-        size = check_virtual_batch_size(virtual_batch_size)
-        super().__init__(num_features, *args, **kwargs)
-        self.virtual_batch_size = size
-
-    def _check_settings(self) -> None:
-        check_virtual_batch_size(self.virtual_batch_size)
-
-    def _chunk_samples(self, batch: int) -> int:
-        return int(self.virtual_batch_size)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
 
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from batchnorm import functional, kernels
 from batchnorm.layout import tensor_channels_last, tensor_view, view
+from batchnorm.torch.glue import StatsArgs, input_grads
 from batchnorm.torch.routing import route
 
 __all__ = ["BatchNormFunction", "batch_norm"]
@@ -56,11 +57,7 @@ def _forward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
+    stats: StatsArgs,
     backend: str,
 ) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kind, y, mean, rstd)``: the per-channel statistics y was normalized with."""
@@ -68,14 +65,15 @@ def _forward(
         try:
             _use_torch_threads(backend)
             y_np, cache = functional.batch_norm_forward(
-                _np(x), _np(weight), _np(bias), _np(running_mean), _np(running_var),
-                training=training, momentum=momentum, eps=eps, axis=1, backend=backend,
+                _np(x), _np(weight), _np(bias), _np(stats.running_mean), _np(stats.running_var),
+                training=stats.training, momentum=stats.momentum, eps=stats.eps, axis=1,
+                backend=backend,
             )  # fmt: skip
         except functional.NonFiniteBatchError:
             kind = "native"  # PyTorch's semantics: let NaN/inf through
         else:
-            if training:  # the buffers were written through NumPy: tell autograd
-                buffers = (running_mean, running_var)
+            if stats.training:  # the buffers were written through NumPy: tell autograd
+                buffers = (stats.running_mean, stats.running_var)
                 changed = [t for t in buffers if t is not None and not t.is_inference()]
                 if changed:
                     torch.autograd.graph.increment_version(changed)
@@ -86,15 +84,10 @@ def _forward(
 
         y = torch.empty_like(x)  # x's strides: both dense layouts are kept
         cl = tensor_channels_last(x)
-        _, mean, rstd = tk.forward(
-            _view(x, cl), weight, bias, running_mean, running_var, training, momentum,
-            eps, out=_view(y, cl),
-        )  # fmt: skip
+        _, mean, rstd = tk.forward(_view(x, cl), weight, bias, *stats.args(), out=_view(y, cl))
         return kind, y, mean, rstd
     with torch.no_grad():
-        y, mean, rstd = torch.native_batch_norm(
-            x, weight, bias, running_mean, running_var, training, momentum, eps
-        )
+        y, mean, rstd = torch.native_batch_norm(x, weight, bias, *stats.args())
     return "native", y, mean, rstd
 
 
@@ -178,19 +171,13 @@ class BatchNormFunction(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
+        stats: StatsArgs,
         kind: str,
         backend: str,
     ) -> torch.Tensor:
-        kind, y, mean, rstd = _forward(
-            kind, x, weight, bias, running_mean, running_var, training, momentum, eps, backend
-        )
+        kind, y, mean, rstd = _forward(kind, x, weight, bias, stats, backend)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.kind, ctx.training, ctx.eps, ctx.backend = kind, training, eps, backend
+        ctx.kind, ctx.training, ctx.eps, ctx.backend = kind, stats.training, stats.eps, backend
         return y
 
     @staticmethod
@@ -207,8 +194,7 @@ class BatchNormFunction(torch.autograd.Function):
                 ctx.kind, dy, x, weight, bias_dtype, mean, rstd, ctx.training, ctx.eps,
                 ctx.backend, needs,
             )  # fmt: skip
-        dx, dw, db = (g if need else None for g, need in zip(grads, needs, strict=True))
-        return dx, dw, db, None, None, None, None, None, None, None
+        return input_grads(ctx, *grads)
 
 
 def _differentiable_grads(
@@ -269,13 +255,9 @@ def batch_norm(
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if kind == "cpu":
         backend = kernels.resolve(backend)
+    stats = StatsArgs(running_mean, running_var, training, momentum, eps)
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias)
     ):
-        return BatchNormFunction.apply(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, kind,
-            backend,
-        )  # type: ignore[no-any-return]  # fmt: skip
-    return _forward(
-        kind, input, weight, bias, running_mean, running_var, training, momentum, eps, backend
-    )[1]
+        return BatchNormFunction.apply(input, weight, bias, stats, kind, backend)  # type: ignore[no-any-return]
+    return _forward(kind, input, weight, bias, stats, backend)[1]

@@ -29,8 +29,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import kernels
 from batchnorm.layout import view
-from batchnorm.math import grad_coefficients, inverse_std, running_stats
+from batchnorm.math import grad_coefficients, inverse_std
 from batchnorm.torch import modules as ours
+from batchnorm.torch.glue import StatsArgs, input_grads, too_few_values
 from batchnorm.torch.modules import batch_norm_arguments
 
 __all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "bn_relu", "fuse_bn_relu"]
@@ -69,13 +70,10 @@ class _BNReLUFunction(torch.autograd.Function):
         residual: torch.Tensor | None,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
+        stats: StatsArgs,
         backend: str,
     ) -> torch.Tensor:
+        training = stats.training
         xa = x.detach().numpy()
         layout = view(xa, 1)
         x3 = layout.to3d(xa, xa.dtype)
@@ -87,26 +85,20 @@ class _BNReLUFunction(torch.autograd.Function):
         y3 = None
         if training:
             if count <= 1:
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got input size "
-                    f"{list(x.shape)}"
-                )
-            done = impl.fused_forward_relu(x3, w, shift, eps, res3)
+                raise too_few_values(list(x.shape))
+            done = impl.fused_forward_relu(x3, w, shift, stats.eps, res3)
             if done is not None:
                 y3, mean, m2 = done
             else:
                 mean, m2 = kernels.get(backend, xa.dtype).channel_stats(x3)
             var = m2 / count
-            if running_mean is not None and running_var is not None:
-                new_mean, new_var = running_stats(running_mean.double(), running_var.double(),
-                                                  torch.from_numpy(mean), torch.from_numpy(m2),
-                                                  count, momentum)
-                running_mean.copy_(new_mean)
-                running_var.copy_(new_var)
+            stats.update_running(torch.from_numpy(mean), torch.from_numpy(m2), count,
+                                 torch.float64)
         else:
-            assert running_mean is not None and running_var is not None
-            mean, var = _vec(running_mean, channels, 0), _vec(running_var, channels, 1)
-        rstd = inverse_std(var, eps)
+            assert stats.running_mean is not None and stats.running_var is not None
+            mean = _vec(stats.running_mean, channels, 0)
+            var = _vec(stats.running_var, channels, 1)
+        rstd = inverse_std(var, stats.eps)
         if y3 is None:
             y3 = impl.normalize_relu(x3, mean, w * rstd, shift, res3)
         y = torch.from_numpy(layout.from3d(y3))
@@ -146,7 +138,7 @@ class _BNReLUFunction(torch.autograd.Function):
         dres = torch.from_numpy(layout.from3d(dz3)) if dz3 is not None else None
         dweight = torch.from_numpy(sum_dz_xmu * rstd).to(x.dtype) if has_w else None
         dbias = torch.from_numpy(sum_dz).to(x.dtype) if has_b else None
-        return dx, dres, dweight, dbias, None, None, None, None, None, None
+        return input_grads(ctx, dx, dres, dweight, dbias)
 
 
 def _ours(x: torch.Tensor, residual: torch.Tensor | None, *params: torch.Tensor | None) -> bool:
@@ -199,14 +191,13 @@ def bn_relu(
     """``relu(batch_norm(x, ...) + residual)``, with ``torch.nn.functional.batch_norm``'s
     arguments; our fused Triton (CUDA) or CPU kernels where they apply, PyTorch's ops
     elsewhere."""
+    stats = StatsArgs(running_mean, running_var, training, momentum, eps)
     if _triton(x, residual, weight, bias, running_mean, running_var):
         from batchnorm.torch.fused_triton import TritonBNReLU
 
-        return TritonBNReLU.apply(x, residual, weight, bias, running_mean, running_var,
-                                  training, momentum, eps)
+        return TritonBNReLU.apply(x, residual, weight, bias, stats)
     if _ours(x, residual, weight, bias, running_mean, running_var):
-        return _BNReLUFunction.apply(x, residual, weight, bias, running_mean, running_var,
-                                     training, momentum, eps, kernels.resolve(backend))
+        return _BNReLUFunction.apply(x, residual, weight, bias, stats, kernels.resolve(backend))
     z = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return torch.relu(z if residual is None else z + residual)
 

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from batchnorm.math import grad_coefficients, inverse_std, running_stats
+from batchnorm.math import grad_coefficients, inverse_std
+from batchnorm.torch.glue import StatsArgs, input_grads, too_few_values
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 1024  # elements per program and step (tests set it small)
@@ -132,34 +133,26 @@ class TritonBNReLU(torch.autograd.Function):
         residual: torch.Tensor | None,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
+        stats: StatsArgs,
     ) -> torch.Tensor:
         shape = view3d(x)
         assert shape is not None
         outer, channels, inner, strides = shape
         n = outer * inner
         grid = (channels, triton.cdiv(n, BLOCK))
+        training = stats.training
         if training:
             if n <= 1:
-                raise ValueError(f"Expected more than 1 value per channel when training, got "
-                                 f"input size {list(x.shape)}")
+                raise too_few_values(list(x.shape))
             mean = torch.empty(channels, device=x.device, dtype=torch.float32)
             m2 = torch.empty_like(mean)
             _stats[(channels,)](x, mean, m2, n, inner, *strides, BLOCK=BLOCK)
             var = m2 / n
-            if running_mean is not None and running_var is not None:
-                new_mean, new_var = running_stats(running_mean.float(), running_var.float(),
-                                                  mean, m2, n, momentum)
-                running_mean.copy_(new_mean)
-                running_var.copy_(new_var)
+            stats.update_running(mean, m2, n, torch.float32)
         else:
-            assert running_mean is not None and running_var is not None
-            mean, var = running_mean.detach().float(), running_var.detach().float()
-        rstd = inverse_std(var, eps)
+            assert stats.running_mean is not None and stats.running_var is not None
+            mean, var = stats.running_mean.detach().float(), stats.running_var.detach().float()
+        rstd = inverse_std(var, stats.eps)
         w, shift = _vec(weight, x, 1.0), _vec(bias, x, 0.0)
         y = torch.empty_like(x)
         _normalize_relu[grid](x, x if residual is None else residual, y, mean, w * rstd, shift,
@@ -190,4 +183,4 @@ class TritonBNReLU(torch.autograd.Function):
                                inner, *strides, HAS_Y=has_y, WANT_DZ=want_dz, BLOCK=BLOCK)
         dweight = None if w_dtype is None else (s2 * rstd).to(w_dtype)
         dbias = None if b_dtype is None else s1.to(b_dtype)
-        return dx, (dz if want_dz else None), dweight, dbias, None, None, None, None, None
+        return input_grads(ctx, dx, dz if want_dz else None, dweight, dbias)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.math import module_call
+from batchnorm.math import module_call_of
 from batchnorm.torch.function import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", "revert_model"]
@@ -26,19 +26,14 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", "revert
 def batch_norm_arguments(
     module: _BatchNorm,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool, float]:
-    """PyTorch's ``_BatchNorm.forward`` up to its ``batch_norm`` call (:func:`module_call`).
+    """PyTorch's ``_BatchNorm.forward`` up to its ``batch_norm`` call
+    (:func:`batchnorm.math.module_call`).
 
     Counts the batch in ``num_batches_tracked`` (training); returns the (running_mean,
     running_var, training, momentum) arguments of ``batch_norm``.
     """
     tracked = module.num_batches_tracked
-    call = module_call(
-        module.training,
-        module.track_running_stats,
-        module.running_mean is not None and tracked is not None,
-        module.momentum,
-        lambda: int(tracked),  # type: ignore[arg-type]
-    )
+    call = module_call_of(module)
     if call.count_batch and tracked is not None:
         tracked.add_(1)
     return (

@@ -33,7 +33,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.distributed.agree import HEADER_SIZE, check, header
 from batchnorm.distributed.comm import DEFAULT_TIMEOUT, CollectiveError, wait
-from batchnorm.math import grad_coefficients, inverse_std, merge_all, running_stats
+from batchnorm.math import grad_coefficients, inverse_std, merge_all
+from batchnorm.torch.glue import StatsArgs, input_grads, too_few_values
 from batchnorm.torch.modules import batch_norm_arguments
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -82,10 +83,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        eps: float,
-        momentum: float,
+        stats: StatsArgs,
         group: Any,
         counts: list[float],
         timeout: float,
@@ -101,23 +99,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         table = _all_gather(torch.cat((mean, m2)), group, "statistics", timeout)
         total, mean, m2 = merge_all(counts, list(table[:, :channels]), list(table[:, channels:]))
         if total == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                f"{tuple(x.shape)} with 1 value per channel over the whole process group"
+            raise too_few_values(
+                tuple(x.shape), " with 1 value per channel over the whole process group"
             )
         # NaN/inf propagate into y and the running statistics, as in nn.SyncBatchNorm: no
         # check, hence no host sync
         if total > 0:
             var = m2 / total
-            if running_mean is not None and running_var is not None:
-                new_mean, new_var = running_stats(
-                    running_mean.to(acc), running_var.to(acc), mean, m2, total, momentum
-                )
-                running_mean.copy_(new_mean)
-                running_var.copy_(new_var)
+            stats.update_running(mean, m2, total, acc)
         else:
             var = torch.ones_like(mean)
-        invstd = inverse_std(var, eps)
+        invstd = inverse_std(var, stats.eps)
         shape = [1, channels] + [1] * (x.dim() - 2)
         scale = invstd if weight is None else invstd * weight.to(acc)
         shift = torch.zeros_like(mean) if bias is None else bias.to(acc)
@@ -145,7 +137,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(weight.dtype if weight is not None else dy.dtype)
         if not ctx.needs_input_grad[0]:
-            return None, grad_weight, grad_bias, *([None] * 7)
+            return input_grads(ctx, None, grad_weight, grad_bias)
         both = torch.cat((sum_dy, sum_dy_xmu))
         work = dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True)
         _collective("all-reduce (gradient sums)", work, both.numel(), ctx.group, ctx.timeout)
@@ -153,7 +145,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         a, b, c = grad_coefficients(w, invstd, both[:channels], both[channels:], max(ctx.total, 1))
         dx = xmu.mul_(b.to(x.dtype).view(shape)).add_(c.to(x.dtype).view(shape))
         dx.addcmul_(dy, a.to(x.dtype).view(shape))
-        return dx, grad_weight, grad_bias, *([None] * 7)
+        return input_grads(ctx, dx, grad_weight, grad_bias)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -230,10 +222,10 @@ class SyncBatchNorm(_BatchNorm):
                 input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
                 self.eps,
             )  # fmt: skip
+        stats = StatsArgs(running_mean, running_var, bn_training, factor, self.eps)
         out: torch.Tensor = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group,
-            counts, timeout,
-        )  # fmt: skip
+            input, self.weight, self.bias, stats, group, counts, timeout
+        )
         return out
 
     @classmethod
