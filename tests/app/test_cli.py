@@ -52,3 +52,13 @@ def test_bad_arguments_exit_with_usage_error(capsys):
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     assert "backends installed" in capsys.readouterr().out
+
+
+def test_info_shows_the_kernel_cache(capsys):
+    pytest.importorskip("numba")
+    from batchnorm import kernels
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled-kernel cache:" in out
+    assert str(kernels.cache_info()["directory"]) in out

@@ -1,4 +1,5 @@
-"""Versions, backends and devices that batchnorm sees on this machine."""
+"""Versions, backends and devices that batchnorm sees on this machine, and the compiled-kernel
+cache (``--warm-up`` compiles or loads every kernel now, so that no later process waits)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import platform
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--warm-up", action="store_true",
+                        help="compile (or load from the cache) every kernel now")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,4 +25,14 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             print(f"  {name:<11} not installed")
     print(f"backends installed: {', '.join(backends.available())}; auto -> {backends.resolve()}")
+    if args.warm_up:
+        print("warming up the kernels (about a minute the first time on a machine)...")
+    cache = backends.warm_up() if args.warm_up else backends.cache_info()
+    if cache.get("implementation") is None:
+        print("compiled-kernel cache: none (numba is not installed)")
+    else:
+        print("compiled-kernel cache:")
+        for key, value in cache.items():
+            if key != "implementation":
+                print(f"  {key:<11} {value}")
     return 0
