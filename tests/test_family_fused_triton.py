@@ -21,10 +21,12 @@ def triton_case() -> None:
     from torch import nn
 
     import batchnorm.torch as bt
-    from batchnorm.torch import fused, fused_triton
+    from batchnorm.torch import fused
 
     fused.TRITON_ON_CPU = True
-    fused_triton.BLOCK = 16  # several steps per channel and partial blocks on small inputs
+    from batchnorm.kernels.triton import relu
+
+    relu.BLOCK = 16  # several steps per channel and partial blocks on small inputs
     torch.manual_seed(0)
     for shape, channels_last in (((5, 3, 4, 7), False), ((5, 3, 4, 7), True), ((13, 6), False),
                                  ((3, 4, 11), False)):
