@@ -77,29 +77,12 @@ def grad_input(
     return dx3
 
 
-def fused_forward(
-    x3: np.ndarray,
-    weight: np.ndarray | None,
-    bias: np.ndarray | None,
-    eps: float,
-    running_mean: np.ndarray | None = None,
-    running_var: np.ndarray | None = None,
-    momentum: float = 0.0,
-) -> None:
-    """Declines: NumPy makes the two passes anyway."""
+def _decline(*_args: object, **_kwargs: object) -> None:
+    """The fused passes decline (None): NumPy makes the separate passes anyway."""
     return None
 
 
-def fused_backward(
-    dy3: np.ndarray,
-    x3: np.ndarray,
-    mean: np.ndarray,
-    rstd: np.ndarray,
-    weight: np.ndarray | None,
-    count: int,
-) -> None:
-    """Declines: NumPy makes the two passes anyway."""
-    return None
+fused_forward = fused_backward = _decline
 
 
 # --- fused BN + ReLU (+ residual): used by batchnorm.torch.BatchNormReLU* ----------------------
@@ -172,17 +155,4 @@ def relu_grad_input(
     return dx3, dz3
 
 
-def fused_forward_relu(
-    x3: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
-    residual3: np.ndarray | None,
-) -> None:
-    """Declines: NumPy makes the passes anyway."""
-    return None
-
-
-def fused_backward_relu(
-    dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray, rstd: np.ndarray, weight: np.ndarray,
-    bias: np.ndarray, y3: np.ndarray | None, count: int, want_dz: bool,
-) -> None:
-    """Declines: NumPy makes the passes anyway."""
-    return None
+fused_forward_relu = fused_backward_relu = _decline
