@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from batchnorm.kernels.numba import ops
-from batchnorm.kernels.numba.config import Kernel, U, chan_merge_step, jit
+from batchnorm.kernels.numba.config import FLAGS, Kernel, U, chan_merge_step, jit
 
 
 @jit
@@ -252,5 +252,8 @@ def elementwise(kind: int) -> Kernel:
 
 stats = Kernel(_stats)
 grad_sums = Kernel(_grad_sums)
+# the same bodies inlined into the fused kernels (their prange loops become the caller's)
+stats_inline = njit(inline="always", **FLAGS)(_stats)
+grad_sums_inline = njit(inline="always", **FLAGS)(_grad_sums)
 normalize = elementwise(ops.NORMALIZE)
 grad_input = elementwise(ops.GRAD_INPUT)
