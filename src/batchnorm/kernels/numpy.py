@@ -77,29 +77,12 @@ def grad_input(
     return dx3
 
 
-def fused_forward(
-    x3: np.ndarray,
-    weight: np.ndarray | None,
-    bias: np.ndarray | None,
-    eps: float,
-    running_mean: np.ndarray | None = None,
-    running_var: np.ndarray | None = None,
-    momentum: float = 0.0,
-) -> None:
-    """Declines: NumPy makes the two passes anyway."""
+def _decline(*_args: object, **_kwargs: object) -> None:
+    """The fused passes decline (None): NumPy makes the separate passes anyway."""
     return None
 
 
-def fused_backward(
-    dy3: np.ndarray,
-    x3: np.ndarray,
-    mean: np.ndarray,
-    rstd: np.ndarray,
-    weight: np.ndarray | None,
-    count: int,
-) -> None:
-    """Declines: NumPy makes the two passes anyway."""
-    return None
+fused_forward = fused_backward = _decline
 
 
 # --- fused BN + ReLU (+ residual): used by batchnorm.torch.BatchNormReLU* ----------------------
@@ -118,11 +101,14 @@ def normalize_relu(
     return np.maximum(y3, 0, out=y3)
 
 
-def _masked(dy: np.ndarray, d: np.ndarray, scale: np.ndarray, shift: np.ndarray,
-            y: np.ndarray | None) -> np.ndarray:
-    """dz = dy where z > 0, else 0 (``d = x - mean`` of the block)."""
-    keep = y > 0 if y is not None else d * scale + shift > 0
-    return np.where(keep, dy, 0)
+def _relu_blocks(dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+                 shift: np.ndarray, y3: np.ndarray | None,
+                 ) -> Iterator[tuple[slice, slice, np.ndarray, np.ndarray]]:
+    """Per block: its slices, ``d = x - mean`` (float64) and ``dz = dy`` where z > 0, else 0."""
+    for os_, cs in _blocks(x3.shape):
+        d = x3[os_, cs].astype(np.float64) - _col(mean, cs)
+        keep = y3[os_, cs] > 0 if y3 is not None else d * _col(scale, cs) + _col(shift, cs) > 0
+        yield os_, cs, d, np.where(keep, dy3[os_, cs], 0)
 
 
 def relu_grad_sums(
@@ -136,10 +122,8 @@ def relu_grad_sums(
     """Per-channel ``sum(dz)`` and ``sum(dz * (x - mean))`` with ``dz = dy * (z > 0)``."""
     sum_dz = np.zeros(x3.shape[1])
     sum_dz_xmu = np.zeros(x3.shape[1])
-    for os_, cs in _blocks(x3.shape):
-        d = x3[os_, cs].astype(np.float64) - _col(mean, cs)
-        y = None if y3 is None else y3[os_, cs]
-        dz = _masked(dy3[os_, cs], d, _col(scale, cs), _col(shift, cs), y).astype(np.float64)
+    for _, cs, d, dz in _relu_blocks(dy3, x3, mean, scale, shift, y3):
+        dz = dz.astype(np.float64)
         sum_dz[cs] += dz.sum(axis=(0, 2))
         sum_dz_xmu[cs] += np.einsum("ijk,ijk->j", dz, d)
     return sum_dz, sum_dz_xmu
@@ -159,10 +143,7 @@ def relu_grad_input(
     a, b, c = coefficients
     dx3 = np.empty_like(x3)
     dz3 = np.empty_like(dy3) if want_dz else None
-    for os_, cs in _blocks(x3.shape):
-        d = x3[os_, cs].astype(np.float64) - _col(mean, cs)
-        y = None if y3 is None else y3[os_, cs]
-        dz = _masked(dy3[os_, cs], d, _col(scale, cs), _col(shift, cs), y)
+    for os_, cs, d, dz in _relu_blocks(dy3, x3, mean, scale, shift, y3):
         if dz3 is not None:
             dz3[os_, cs] = dz
         d *= _col(b, cs)
@@ -172,17 +153,4 @@ def relu_grad_input(
     return dx3, dz3
 
 
-def fused_forward_relu(
-    x3: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
-    residual3: np.ndarray | None,
-) -> None:
-    """Declines: NumPy makes the passes anyway."""
-    return None
-
-
-def fused_backward_relu(
-    dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray, rstd: np.ndarray, weight: np.ndarray,
-    bias: np.ndarray, y3: np.ndarray | None, count: int, want_dz: bool,
-) -> None:
-    """Declines: NumPy makes the passes anyway."""
-    return None
+fused_forward_relu = fused_backward_relu = _decline

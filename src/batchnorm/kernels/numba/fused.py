@@ -165,13 +165,7 @@ def _rows_forward(
     block: int,
     chunks: int,
 ) -> bool:
-    width = channels * inner
-    means = np.zeros((chunks, width))
-    m2s = np.zeros((chunks, width))
-    counts = np.zeros(chunks)
-    for t in prange(chunks):
-        counts[t] = rows.chunk_stats(x, outer, width, block, t, chunks, means[t], m2s[t])
-    mean_c, m2_c = rows.merge_chunks(counts, means, m2s, channels, inner)
+    mean_c, m2_c = rows.stats_inline(x, outer, channels, inner, block, chunks)
     mean[:] = mean_c
     m2[:] = m2_c
     scale = np.empty(channels)
@@ -203,14 +197,10 @@ def _rows_backward(
     inner: int,
     chunks: int,
 ) -> None:
-    width = channels * inner
+    s1, s2 = rows.grad_sums_inline(dy, x, mean, outer, channels, inner, chunks)
+    sum_dy[:] = s1
+    sum_dy_xmu[:] = s2
     mean_w = np.repeat(mean, inner)
-    sdy = np.zeros((chunks, width))
-    sdx = np.zeros((chunks, width))
-    for t in prange(chunks):
-        rows.chunk_grad_sums(dy, x, mean_w, outer, t, chunks, sdy[t], sdx[t])
-    sum_dy[:] = rows.fold_sums(sdy, channels, inner)
-    sum_dy_xmu[:] = rows.fold_sums(sdx, channels, inner)
     a, b, c = grad_coefficients(weight, rstd, sum_dy, sum_dy_xmu, count)
     aw = np.repeat(a, inner)
     bw = np.repeat(b, inner)

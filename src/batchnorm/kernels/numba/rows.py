@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from batchnorm.kernels.numba import ops
-from batchnorm.kernels.numba.config import Kernel, U, chan_merge_step, jit
+from batchnorm.kernels.numba.config import FLAGS, Kernel, U, chan_merge_step, jit
 
 
 @jit
@@ -61,6 +61,15 @@ def fold_sums(sums: Any, channels: int, inner: int) -> Any:
 
 
 @jit
+def _four_rows(r: int, width: int) -> Any:
+    """Flat offsets of rows r .. r+3 (the four-row sweeps below)."""
+    b0 = U(r * width)
+    b1 = b0 + U(width)
+    b2 = b1 + U(width)
+    return b0, b1, b2, b2 + U(width)
+
+
+@jit
 def _stats_chunk(
     x: Any, width: int, r0: int, r1: int, block: int, mean: Any, m2: Any, s: Any, q: Any
 ) -> Any:
@@ -74,10 +83,7 @@ def _stats_chunk(
         s[:] = 0.0
         rr = r
         while rr + 4 <= re:
-            b0 = U(rr * width)
-            b1 = b0 + U(width)
-            b2 = b1 + U(width)
-            b3 = b2 + U(width)
+            b0, b1, b2, b3 = _four_rows(rr, width)
             for j in range(width):
                 u = U(j)
                 s[j] += (np.float64(x[b0 + u]) + x[b1 + u]) + (np.float64(x[b2 + u]) + x[b3 + u])
@@ -93,10 +99,7 @@ def _stats_chunk(
         q[:] = 0.0
         rr = r
         while rr + 4 <= re:
-            b0 = U(rr * width)
-            b1 = b0 + U(width)
-            b2 = b1 + U(width)
-            b3 = b2 + U(width)
+            b0, b1, b2, b3 = _four_rows(rr, width)
             for j in range(width):
                 u = U(j)
                 m = s[j]
@@ -160,10 +163,7 @@ def chunk_grad_sums(
     r = outer * t // chunks
     r_end = outer * (t + 1) // chunks
     while r + 4 <= r_end:  # four rows per sweep, as in _stats_chunk
-        b0 = U(r * width)
-        b1 = b0 + U(width)
-        b2 = b1 + U(width)
-        b3 = b2 + U(width)
+        b0, b1, b2, b3 = _four_rows(r, width)
         for j in range(width):
             u = U(j)
             m = mean_w[j]
@@ -252,5 +252,8 @@ def elementwise(kind: int) -> Kernel:
 
 stats = Kernel(_stats)
 grad_sums = Kernel(_grad_sums)
+# the same bodies inlined into the fused kernels (their prange loops become the caller's)
+stats_inline = njit(inline="always", **FLAGS)(_stats)
+grad_sums_inline = njit(inline="always", **FLAGS)(_grad_sums)
 normalize = elementwise(ops.NORMALIZE)
 grad_input = elementwise(ops.GRAD_INPUT)

@@ -44,14 +44,32 @@ def _split_bounds(pid_s, OUTER, INNER, O_PER, I_PER, SPLIT_I):
 
 
 @triton.jit
+def _program(C, OUTER, INNER, O_PER, I_PER, SPLIT_I, BLOCK_C: tl.constexpr,
+             REVERSED: tl.constexpr):  # fmt: skip
+    """This program's channel block and split: pid_c, pid_s, bounds, channels and their mask.
+
+    REVERSED: programs in reverse launch order, so an elementwise pass reads first the tiles
+    the previous pass read last, still in L2.
+    """
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    if REVERSED:
+        pid_c = tl.num_programs(0) - 1 - pid_c
+        pid_s = tl.num_programs(1) - 1 - pid_s
+    o_lo, i_lo, o_hi, i_hi = _split_bounds(pid_s, OUTER, INNER, O_PER, I_PER, SPLIT_I)
+    cv = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid_c, pid_s, o_lo, i_lo, o_hi, i_hi, cv, cv < C
+
+
+@triton.jit
 def _stats_kernel(
     X, P_COUNT, P_MEAN, P_M2,
     C, OUTER, INNER, SO, SC, SI, O_PER, I_PER, SPLIT_I,
     BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    o_lo, i_lo, o_hi, i_hi = _split_bounds(pid_s, OUTER, INNER, O_PER, I_PER, SPLIT_I)
+    pid_c, pid_s, o_lo, i_lo, o_hi, i_hi, cv, cmask = _program(
+        C, OUTER, INNER, O_PER, I_PER, SPLIT_I, BLOCK_C, False
+    )
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -71,11 +89,9 @@ def _stats_kernel(
             mean += delta * (nb / total)
             m2 += tile_m2 + delta * delta * (count * nb / total)
             count = total
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    tl.store(P_COUNT + pid_s * C + c, count, mask=cmask)
-    tl.store(P_MEAN + pid_s * C + c, mean, mask=cmask)
-    tl.store(P_M2 + pid_s * C + c, m2, mask=cmask)
+    tl.store(P_COUNT + pid_s * C + cv, count, mask=cmask)
+    tl.store(P_MEAN + pid_s * C + cv, mean, mask=cmask)
+    tl.store(P_M2 + pid_s * C + cv, m2, mask=cmask)
 
 
 @triton.jit
@@ -128,13 +144,9 @@ def _normalize_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
-    # programs in reverse launch order: the tiles the previous pass read last, still in L2,
-    # are read first
-    pid_c = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_s = tl.num_programs(1) - 1 - tl.program_id(1)
-    o_lo, i_lo, o_hi, i_hi = _split_bounds(pid_s, OUTER, INNER, O_PER, I_PER, SPLIT_I)
-    cv = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cv < C
+    pid_c, pid_s, o_lo, i_lo, o_hi, i_hi, cv, cmask = _program(
+        C, OUTER, INNER, O_PER, I_PER, SPLIT_I, BLOCK_C, True
+    )
     mean = tl.load(MEAN + cv, mask=cmask, other=0.0)
     scale = tl.load(RSTD + cv, mask=cmask, other=0.0)
     if HAS_W:
@@ -161,11 +173,9 @@ def _grad_sums_kernel(
     C, OUTER, INNER, SO, SC, SI, DSO, DSC, DSI, O_PER, I_PER, SPLIT_I,
     BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    o_lo, i_lo, o_hi, i_hi = _split_bounds(pid_s, OUTER, INNER, O_PER, I_PER, SPLIT_I)
-    cv = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cv < C
+    pid_c, pid_s, o_lo, i_lo, o_hi, i_hi, cv, cmask = _program(
+        C, OUTER, INNER, O_PER, I_PER, SPLIT_I, BLOCK_C, False
+    )
     mean = tl.load(MEAN + cv, mask=cmask, other=0.0)[None, :, None]
     sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -221,13 +231,9 @@ def _grad_input_kernel(
     C, OUTER, INNER, SO, SC, SI, DSO, DSC, DSI, O_PER, I_PER, SPLIT_I,
     BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
-    # programs in reverse launch order: the tiles the previous pass read last, still in L2,
-    # are read first
-    pid_c = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_s = tl.num_programs(1) - 1 - tl.program_id(1)
-    o_lo, i_lo, o_hi, i_hi = _split_bounds(pid_s, OUTER, INNER, O_PER, I_PER, SPLIT_I)
-    cv = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cv < C
+    pid_c, pid_s, o_lo, i_lo, o_hi, i_hi, cv, cmask = _program(
+        C, OUTER, INNER, O_PER, I_PER, SPLIT_I, BLOCK_C, True
+    )
     mean = tl.load(MEAN + cv, mask=cmask, other=0.0)[None, :, None]
     a = tl.load(COEF + cv, mask=cmask, other=0.0)[None, :, None]
     b = tl.load(COEF + C + cv, mask=cmask, other=0.0)[None, :, None]
