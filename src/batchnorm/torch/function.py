@@ -31,14 +31,10 @@ __all__ = ["BatchNormFunction", "batch_norm"]
 
 
 def _use_torch_threads(backend: str) -> None:
-    """Run the numba kernels with PyTorch's thread count (never oversubscribe the cores):
-    numba's count is per calling thread, and is left so (restoring it cost 7 us a call)."""
+    """Run the numba kernels with PyTorch's thread count (never oversubscribe the cores); the
+    count is left so for the calling thread (restoring it cost 7 us a call)."""
     if backend == "numba":
-        import numba
-
-        want = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-        if numba.get_num_threads() != want:
-            numba.set_num_threads(max(1, want))
+        kernels.threads(torch.get_num_threads())
 
 
 def _view(t: torch.Tensor, channels_last: bool | None) -> torch.Tensor:
