@@ -1,8 +1,9 @@
 """Figure 1 of Ioffe & Szegedy (2015): the same MNIST network trained with and without BN.
 
 The network is 784-100-100-100-10 with sigmoids, weights drawn from N(0, 0.01^2), trained by
-SGD on batches of 60 (50,000 steps as in the paper; the demo runs 15,000). The BN variant puts BatchNorm1d before each sigmoid
-(its hidden Linears have no bias: BN's shift replaces it). Both nets start from the same
+SGD on batches of 60 (50,000 steps as in the paper; the demo runs 15,000). The BN variant
+puts BatchNorm1d before each sigmoid (its hidden Linears have no bias: BN's shift replaces
+it). Both nets start from the same
 weights and see the same batches. Along training we record each net's test accuracy
 (inference: BN uses its running statistics) and the 15th, 50th and 85th percentiles, over
 the test digits, of the input to the sigmoids of the last hidden layer.
