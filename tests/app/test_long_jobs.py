@@ -28,9 +28,7 @@ FIG1 = ["experiment", "fig1", "--steps", "600", "--set", "eval_every=50",
         "--checkpoint-every", "0"]  # checkpoints only on Ctrl-C and at the end
 
 
-@pytest.fixture(autouse=True)
-def _numpy_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BATCHNORM_BACKEND", "numpy")
+pytestmark = pytest.mark.usefixtures("numpy_backend")
 
 
 def experiment(out: Path) -> dict[str, Any]:

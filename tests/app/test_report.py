@@ -17,9 +17,7 @@ pytest.importorskip("rich")
 pytest.importorskip("mlxtend")
 
 
-@pytest.fixture(autouse=True)
-def _numpy_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BATCHNORM_BACKEND", "numpy")
+pytestmark = pytest.mark.usefixtures("numpy_backend")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,6 @@ from batchnorm.nn.losses import CrossEntropyLoss
 from batchnorm.nn.optim import SGD
 
 
-@pytest.fixture(scope="module")
-def small() -> data_mod.Dataset:
-    ds = data_mod.load_mnist5k(seed=0)
-    return data_mod.Dataset("small", ds.x_train[:600], ds.y_train[:600], ds.x_test[:200],
-                            ds.y_test[:200])
-
-
 def test_registered_with_claim_and_verdict() -> None:
     for name in ("noisy-bn", "ics", "landscape"):
         module = get(name)
