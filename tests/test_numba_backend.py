@@ -25,6 +25,7 @@ from batchnorm.kernels.numba import config, plan  # noqa: E402
 SHAPES3 = [
     (7, 1, 1),  # C = 1
     (13, 3, 1),  # C = 3, channels-last / 2-D rows
+    (43, 4, 1),  # rows: several eight-row sweeps and leftover rows in every chunk
     (2, 5, 1),  # N = 2
     (5, 7, 11),  # short inner: rows kernels over C * inner columns
     (2, 3, 50),  # C = 3, segments
@@ -40,7 +41,6 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
         monkeypatch.setattr(config, "PARALLEL_MIN", 0)
         monkeypatch.setattr(config, "CHUNKS", 3)
         monkeypatch.setattr(config, "BLOCK", 7)
-        monkeypatch.setattr(config, "ROWS_BLOCK_MIN", 2)
     return str(request.param)
 
 
@@ -331,8 +331,8 @@ print(numba.threading_layer())
 """
 
 
-@pytest.mark.parametrize("chosen", [None, "omp"])
-def test_threading_layer_is_workqueue_unless_the_user_chose(chosen: str | None) -> None:
+@pytest.mark.parametrize("chosen", [None, "workqueue"])
+def test_threading_layer_is_omp_unless_the_user_chose(chosen: str | None) -> None:
     import os
     import subprocess
     import sys
@@ -345,4 +345,4 @@ def test_threading_layer_is_workqueue_unless_the_user_chose(chosen: str | None) 
         [sys.executable, "-c", LAYER_CHILD], env=env, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-1] == (chosen or "workqueue")
+    assert out.stdout.split()[-1] == (chosen or "omp")

@@ -44,8 +44,7 @@ def channel_stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     outer, channels, inner = x3.shape
     x = x3.reshape(-1)
     if plan.use_rows(x3):
-        block = plan.rows_block(x3)
-        return rows.stats(x, outer, channels, inner, block, plan.chunks(x3))  # type: ignore[no-any-return]
+        return rows.stats(x, outer, channels, inner, plan.chunks(x3))  # type: ignore[no-any-return]
     return segments.stats(x, outer, channels, inner, config.BLOCK, plan.chunks(x3))  # type: ignore[no-any-return]
 
 
@@ -121,10 +120,9 @@ def fused_forward(
     y3 = np.empty_like(x3)
     mean, m2, rstd = np.empty(channels), np.empty(channels), np.empty(channels)
     if rows_layout:
-        block = plan.rows_block(x3)
         ok = fused.rows_forward(
             x, w, b, float(eps), rm, rv, float(momentum), y3.reshape(-1), mean, m2, rstd,
-            outer, channels, inner, block, chunks,
+            outer, channels, inner, chunks,
         )  # fmt: skip
     else:
         fused.segments_forward(

@@ -8,17 +8,19 @@ ZeroDivisionError checks from the loops.
 Tuning constants are module attributes read at call time, so tests can force every path
 (``monkeypatch.setattr(config, "CHUNKS", 3)``).
 
-Threads: numba's default threading layer here is OpenMP, a libgomp of its own beside
-PyTorch's; with the default wait policy each pool's idle threads spin for milliseconds on
-the cores the other pool needs next (benchmarks/threads.py measured 5 ms of CPU burned per
-20 ms of idle after each of our calls). Unless the user chose a layer
-(``NUMBA_THREADING_LAYER``), this package selects ``workqueue``, whose idle threads sleep
-(0.05 ms burned), before numba starts its pool. Workqueue refuses concurrent launches, so
-parallel kernels run under one lock (serial ones do not take it).
+Threads: unless the user chose a layer (``NUMBA_THREADING_LAYER``), this package puts
+numba's OpenMP layer first. Its parallel regions then run on the process's one libgomp
+runtime: with PyTorch imported, numba's ``GOMP_parallel`` binds to the libgomp PyTorch loaded
+first (``LD_DEBUG=bindings`` shows it), so both libraries share one pool of threads instead
+of two pools spinning against each other, and a launch costs about 2 us. The ``workqueue``
+layer (the fallback) sleeps between launches, costs about 0.1 ms a launch and, after a
+PyTorch call, waits for PyTorch's spinning threads (benchmarks/threads.py; docs/performance.md).
+It refuses concurrent launches, so under it parallel kernels run under one lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import threading
@@ -35,9 +37,22 @@ from batchnorm.kernels.numba.cache import cached
 if "NUMBA_THREADING_LAYER" not in os.environ and not getattr(
     numba.np.ufunc.parallel, "_is_initialized", True
 ):
-    numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
-_LAUNCH = threading.Lock()  # one parallel launch at a time (workqueue is not re-entrant)
-_POOL: list[int] = []  # non-empty once numba's thread pool is started
+    # numba's default order is tbb, omp, workqueue: a tbb pool would be a second pool
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]  # type: ignore[attr-defined]
+_POOL: list[Any] = []  # the launch guard, once numba's thread pool is started
+_STARTING = threading.Lock()
+
+
+def _launch_guard() -> Any:
+    """What a parallel launch holds: a lock under workqueue (not re-entrant), else nothing.
+    The first call starts numba's pool (a build loaded from the cache does not)."""
+    if not _POOL:
+        with _STARTING:
+            if not _POOL:
+                numba.get_num_threads()  # starts the pool
+                workqueue = numba.threading_layer() == "workqueue"
+                _POOL.append(threading.Lock() if workqueue else contextlib.nullcontext())
+    return _POOL[0]
 
 FASTMATH = {"reassoc", "contract", "nsz"}  # never nnan/ninf: NaN must propagate
 FLAGS: dict[str, Any] = {
@@ -50,8 +65,7 @@ PARALLEL_FLAGS: dict[str, Any] = {**FLAGS, "parallel": True}
 
 # --- tuning -------------------------------------------------------------------------------
 ROWS_MAX_INNER = 16  # inner below this: rows kernels; else segments kernels
-BLOCK = 4096  # elements reduced per two-pass block (a float32 block is 16 KiB: L1)
-ROWS_BLOCK_MIN = 32  # rows per two-pass block at least (fewer merges)
+BLOCK = 4096  # segment elements per two-pass block (a float32 block is 16 KiB: L1)
 # Arrays with fewer elements run as one chunk in the serial build. A parallel region ends
 # when its slowest thread does; on a machine shared with other jobs a thread that lost its
 # core costs a scheduler slice, which dwarfs a sub-millisecond pass (measured on 2 busy
@@ -110,9 +124,7 @@ class Kernel:
     def __call__(self, *args: Any) -> Any:
         if args[self.chunks_at] == 1:
             return self.serial(*args)
-        with _LAUNCH:
-            if not _POOL:  # a build loaded from the cache does not start numba's pool itself
-                _POOL.append(numba.get_num_threads())  # starts it
+        with _launch_guard():
             return self.parallel(*args)
 
 

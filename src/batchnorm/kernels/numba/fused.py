@@ -162,10 +162,9 @@ def _rows_forward(
     outer: int,
     channels: int,
     inner: int,
-    block: int,
     chunks: int,
 ) -> bool:
-    mean_c, m2_c = rows.stats_inline(x, outer, channels, inner, block, chunks)
+    mean_c, m2_c = rows.stats_inline(x, outer, channels, inner, chunks)
     mean[:] = mean_c
     m2[:] = m2_c
     scale = np.empty(channels)

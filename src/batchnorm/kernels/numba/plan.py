@@ -12,11 +12,6 @@ def use_rows(x3: np.ndarray) -> bool:
     return bool(x3.shape[2] < config.ROWS_MAX_INNER)
 
 
-def rows_block(x3: np.ndarray) -> int:
-    """Rows per two-pass statistics block: about ``BLOCK`` values, ``ROWS_BLOCK_MIN`` at least."""
-    return max(config.ROWS_BLOCK_MIN, config.BLOCK // max(1, x3.shape[1] * x3.shape[2]))
-
-
 def chunks(x3: np.ndarray) -> int:
     """Chunks for the unfused kernels: rows split by rows, segments by segments."""
     outer, channels, _ = x3.shape

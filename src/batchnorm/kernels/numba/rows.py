@@ -2,9 +2,9 @@
 
 The array is ``outer`` rows of ``W = C * inner`` columns. A thread takes a block of rows and
 accumulates per column, vectorized along the row; columns fold into channels and threads
-merge their partials at the end. Statistics reduce each block of rows in two passes (sum,
-then squared deviations from the block's own mean, the second pass reading from cache) and
-merge blocks, columns and threads with Chan's formula (:func:`batchnorm.math.chan_merge_step`).
+merge their partials at the end. Statistics take eight rows at a time in registers (an
+exact two-pass over the eight) and merge them, columns and threads with Chan's formula
+(:func:`batchnorm.math.chan_merge_step`), reading x from memory once.
 """
 
 from __future__ import annotations
@@ -70,66 +70,58 @@ def _four_rows(r: int, width: int) -> Any:
 
 
 @jit
-def _stats_chunk(
-    x: Any, width: int, r0: int, r1: int, block: int, mean: Any, m2: Any, s: Any, q: Any
-) -> Any:
-    """Per-column (mean, m2) of rows r0:r1 into mean/m2 (zeroed); returns the row count."""
+def chunk_stats(x: Any, outer: int, width: int, t: int, chunks: int, mean: Any, m2: Any) -> Any:
+    """Chunk t's per-column (mean, m2) into mean/m2 (zeroed); returns its row count.
+
+    Eight rows at a time, held in registers: their exact two-pass (mean, m2) per column,
+    merged into the running column statistics by Chan's formula (the weights f and g of
+    :func:`batchnorm.math.chan_merge_step`, alike for every column, are computed once per
+    sweep). x is read from memory once. Leftover rows merge one at a time.
+    """
+    r = outer * t // chunks
+    r_end = outer * (t + 1) // chunks
     n = 0.0
-    r = r0
-    while r < r1:
-        re = min(r + block, r1)
-        nb = float(re - r)
-        # four rows per sweep: one load/store of the float64 accumulator per four values
-        s[:] = 0.0
-        rr = r
-        while rr + 4 <= re:
-            b0, b1, b2, b3 = _four_rows(rr, width)
-            for j in range(width):
-                u = U(j)
-                s[j] += (np.float64(x[b0 + u]) + x[b1 + u]) + (np.float64(x[b2 + u]) + x[b3 + u])
-            rr += 4
-        while rr < re:
-            b0 = U(rr * width)
-            for j in range(width):
-                s[j] += x[b0 + U(j)]
-            rr += 1
-        inv = 1.0 / nb
+    while r + 8 <= r_end:
+        b0, b1, b2, b3 = _four_rows(r, width)
+        b4, b5, b6, b7 = _four_rows(r + 4, width)
+        f = 8.0 / (n + 8.0)  # the block's weight in the merged mean
+        g = n * f  # n * 8 / (n + 8), the weight of the squared mean difference
         for j in range(width):
-            s[j] *= inv
-        q[:] = 0.0
-        rr = r
-        while rr + 4 <= re:
-            b0, b1, b2, b3 = _four_rows(rr, width)
-            for j in range(width):
-                u = U(j)
-                m = s[j]
-                d0 = x[b0 + u] - m
-                d1 = x[b1 + u] - m
-                d2 = x[b2 + u] - m
-                d3 = x[b3 + u] - m
-                q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-            rr += 4
-        while rr < re:
-            b0 = U(rr * width)
-            for j in range(width):
-                d = x[b0 + U(j)] - s[j]
-                q[j] += d * d
-            rr += 1
-        n = _merge_into(n, mean, m2, nb, s, q)
-        r = re
+            u = U(j)
+            v0, v1 = np.float64(x[b0 + u]), np.float64(x[b1 + u])
+            v2, v3 = np.float64(x[b2 + u]), np.float64(x[b3 + u])
+            v4, v5 = np.float64(x[b4 + u]), np.float64(x[b5 + u])
+            v6, v7 = np.float64(x[b6 + u]), np.float64(x[b7 + u])
+            bm = (((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7))) * 0.125
+            d0, d1, d2, d3 = v0 - bm, v1 - bm, v2 - bm, v3 - bm
+            d4, d5, d6, d7 = v4 - bm, v5 - bm, v6 - bm, v7 - bm
+            q = ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + (
+                (d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)
+            )
+            if n == 0.0:  # loop-invariant: LLVM unswitches it; 0 * inf would be NaN
+                mean[j] = bm
+                m2[j] = q
+            else:
+                delta = bm - mean[j]
+                mean[j] += delta * f
+                m2[j] += q + delta * delta * g
+        n += 8.0
+        r += 8
+    while r < r_end:
+        b0 = U(r * width)
+        f = 1.0 / (n + 1.0)
+        g = n * f
+        for j in range(width):
+            if n == 0.0:
+                mean[j] = x[b0 + U(j)]
+                m2[j] = 0.0
+            else:
+                delta = x[b0 + U(j)] - mean[j]
+                mean[j] += delta * f
+                m2[j] += delta * delta * g
+        n += 1.0
+        r += 1
     return n
-
-
-@jit
-def chunk_stats(
-    x: Any, outer: int, width: int, block: int, t: int, chunks: int, mean: Any, m2: Any
-) -> Any:
-    """Chunk t's per-column (mean, m2) into mean/m2 (zeroed); returns its row count."""
-    s = np.empty(width)
-    q = np.empty(width)
-    return _stats_chunk(
-        x, width, outer * t // chunks, outer * (t + 1) // chunks, block, mean, m2, s, q
-    )
 
 
 @jit
@@ -144,13 +136,13 @@ def merge_chunks(counts: Any, means: Any, m2s: Any, channels: int, inner: int) -
     return _fold_columns(n, mean_w, m2_w, channels, inner)
 
 
-def _stats(x: Any, outer: int, channels: int, inner: int, block: int, chunks: int) -> Any:
+def _stats(x: Any, outer: int, channels: int, inner: int, chunks: int) -> Any:
     width = channels * inner
     means = np.zeros((chunks, width))
     m2s = np.zeros((chunks, width))
     counts = np.zeros(chunks)
     for t in prange(chunks):
-        counts[t] = chunk_stats(x, outer, width, block, t, chunks, means[t], m2s[t])
+        counts[t] = chunk_stats(x, outer, width, t, chunks, means[t], m2s[t])
     return merge_chunks(counts, means, m2s, channels, inner)
 
 
@@ -162,7 +154,7 @@ def chunk_grad_sums(
     width = mean_w.shape[0]
     r = outer * t // chunks
     r_end = outer * (t + 1) // chunks
-    while r + 4 <= r_end:  # four rows per sweep, as in _stats_chunk
+    while r + 4 <= r_end:  # four rows per sweep: one load/store of a and b per four values
         b0, b1, b2, b3 = _four_rows(r, width)
         for j in range(width):
             u = U(j)
