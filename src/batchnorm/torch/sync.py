@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.distributed.agree import HEADER_SIZE, check, header
-from batchnorm.distributed.comm import DEFAULT_TIMEOUT, CollectiveError, wait
+from batchnorm.distributed.comm import CollectiveError, SyncArgs, wait
 from batchnorm.math import grad_coefficients, inverse_std, merge_all
 from batchnorm.torch.glue import BNFunction, Inputs, Needs, StatsArgs, too_few_values
 from batchnorm.torch.modules import batch_norm_arguments
@@ -144,7 +144,7 @@ class _SyncBatchNormFunction(BNFunction):
         return dx, None, grad_weight, grad_bias
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(SyncArgs, _BatchNorm):
     r"""Batch normalization over the whole batch of a process group, on CPU or CUDA.
 
     A drop-in for ``torch.nn.SyncBatchNorm`` (same constructor, state dict and
@@ -158,6 +158,7 @@ class SyncBatchNorm(_BatchNorm):
         num_features: C of an input of shape (N, C, ...).
         eps, momentum, affine, track_running_stats: as ``torch.nn.BatchNorm2d``.
         process_group: the torch.distributed group to synchronize over; None: the default.
+        device, dtype: of the parameters and buffers, as ``torch.nn.SyncBatchNorm``.
         timeout: keyword-only, seconds each collective may take before every waiting rank
             raises :class:`~batchnorm.distributed.comm.CollectiveError`.
 
@@ -171,25 +172,6 @@ class SyncBatchNorm(_BatchNorm):
         model = convert_sync_batchnorm(model)        # every BatchNorm*d -> SyncBatchNorm
         model = torch.nn.parallel.DistributedDataParallel(model)
     """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
-        )
-        self.process_group = process_group
-        self.timeout = float(timeout)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -254,14 +236,7 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None) -
     out = module
     if _is_batchnorm(module):
         bn: Any = module
-        sync = SyncBatchNorm(
-            bn.num_features,
-            bn.eps,
-            bn.momentum,
-            bn.affine,
-            bn.track_running_stats,
-            process_group,
-        )
+        sync = SyncBatchNorm.like(bn, process_group)
         if bn.affine:
             with torch.no_grad():
                 sync.weight = bn.weight
