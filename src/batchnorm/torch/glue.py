@@ -85,7 +85,8 @@ class BNFunction(torch.autograd.Function):
 
     A subclass defines two static methods: ``run(ctx, inputs, stats, *config) -> y``, which
     saves what it needs on ctx, and ``grads(ctx, dy, needs) -> (dx, dresidual, dweight,
-    dbias)`` (decorated ``once_differentiable`` unless it supports double backward).
+    dbias)``, run as backward (decorate it ``once_differentiable`` where double backward would
+    be wrong). Autograd names the graph node after the subclass (``<name>Backward``).
     """
 
     @classmethod
