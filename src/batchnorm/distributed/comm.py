@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -35,6 +35,9 @@ __all__ = [
 DEFAULT_TIMEOUT = 300.0
 
 
+_Sync = TypeVar("_Sync", bound="SyncArgs")
+
+
 class SyncArgs:
     """What a SyncBatchNorm's constructor adds to its batch norm's, where
     ``torch.nn.SyncBatchNorm`` has it: ``process_group`` after the first five arguments
@@ -52,7 +55,7 @@ class SyncArgs:
         self.timeout = float(timeout)
 
     @classmethod
-    def like(cls, bn: Any, process_group: Any, **kwargs: Any) -> Self:
+    def like(cls: type[_Sync], bn: Any, process_group: Any, **kwargs: Any) -> _Sync:
         """A new layer with batch-norm layer ``bn``'s five leading arguments."""
         return cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                    process_group, **kwargs)  # fmt: skip
