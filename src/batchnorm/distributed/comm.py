@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -24,6 +24,7 @@ __all__ = [
     "Communicator",
     "MPIComm",
     "SingleProcess",
+    "SyncArgs",
     "TimedComm",
     "TorchComm",
     "as_communicator",
@@ -32,6 +33,32 @@ __all__ = [
 
 # seconds a collective may take before every waiting rank gives up (configurable per adapter)
 DEFAULT_TIMEOUT = 300.0
+
+
+_Sync = TypeVar("_Sync", bound="SyncArgs")
+
+
+class SyncArgs:
+    """What a SyncBatchNorm's constructor adds to its batch norm's, where
+    ``torch.nn.SyncBatchNorm`` has it: ``process_group`` after the first five arguments
+    (num_features, eps, momentum, affine, track_running_stats) and keyword-only ``timeout``,
+    the seconds each collective may take. Mixed in before a batch-norm class (the NumPy one
+    or torch's), which gets every other argument."""
+
+    process_group: Any
+    timeout: float
+
+    def __init__(self, *args: Any, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> None:
+        group = args[5] if len(args) > 5 else kwargs.pop("process_group", None)
+        super().__init__(*args[:5], *args[6:], **kwargs)  # type: ignore[call-arg]
+        self.process_group = group
+        self.timeout = float(timeout)
+
+    @classmethod
+    def like(cls: type[_Sync], bn: Any, process_group: Any, **kwargs: Any) -> _Sync:
+        """A new layer with batch-norm layer ``bn``'s five leading arguments."""
+        return cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                   process_group, **kwargs)  # fmt: skip
 
 
 class CollectiveError(RuntimeError):

@@ -21,9 +21,9 @@ import numpy as np
 
 from batchnorm.distributed import agree
 from batchnorm.distributed.comm import (
-    DEFAULT_TIMEOUT,
     CollectiveError,
     Communicator,
+    SyncArgs,
     as_communicator,
 )
 from batchnorm.math import merge_all
@@ -77,7 +77,7 @@ class CollectiveStats:
         return total[:channels], total[channels:]
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(SyncArgs, _BatchNorm):
     r"""Batch normalization whose training statistics span every process of a group.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -96,12 +96,13 @@ class SyncBatchNorm(_BatchNorm):
             ``Split``), a torch.distributed ProcessGroup, a
             :class:`~batchnorm.distributed.Communicator`, or None: torch's default group
             when initialized, else this process alone.
-        dtype, axis, backend, bias: keyword-only, as :class:`batchnorm.BatchNorm2d`.
+        dtype, axis, backend, bias: as :class:`batchnorm.BatchNorm2d`, after process_group
+            (pass them by keyword).
+        timeout: keyword-only, seconds each collective may take (MPI and torch groups).
 
     Shape:
         Any input with at least 2 dimensions and ``num_features`` channels on ``axis``.
         Every process must call forward (and backward) the same number of times.
-        timeout: keyword-only, seconds each collective may take (MPI and torch groups).
 
     Example::
 
@@ -111,35 +112,7 @@ class SyncBatchNorm(_BatchNorm):
         dx = layer.backward(dy_local)  # then all-reduce layer.weight.grad like other grads
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        *,
-        dtype: Any = np.float32,
-        axis: int = 1,
-        backend: str = "auto",
-        bias: bool = True,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            dtype,
-            axis,
-            backend,
-            bias=bias,
-        )
-        self.process_group = process_group
-        self.timeout = float(timeout)
-        self._resolved: tuple[Any, CollectiveStats] | None = None
+    _resolved: tuple[Any, CollectiveStats] | None = None  # (process_group, its adapter)
 
     def forward(self, x: Any) -> np.ndarray:
         sync = self._sync()
@@ -149,16 +122,9 @@ class SyncBatchNorm(_BatchNorm):
                        self.axis)  # fmt: skip
         return super().forward(x)
 
-    def _check_input(self, x: np.ndarray) -> None:
-        if x.ndim < 2:
-            raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
-        if not -x.ndim <= self.axis < x.ndim:
-            raise ValueError(f"axis {self.axis} is out of range for {x.ndim}D input")
-        if x.shape[self.axis] != self.num_features:
-            raise ValueError(
-                f"expected {self.num_features} channels on axis {self.axis}, "
-                f"got input of shape {x.shape}"
-            )
+    def _check_ndim(self, ndim: int) -> None:
+        if ndim < 2:
+            raise ValueError(f"expected at least 2D input (got {ndim}D input)")
 
     @property
     def comm(self) -> Communicator:
@@ -191,18 +157,10 @@ class SyncBatchNorm(_BatchNorm):
 
 
 def _convert_one(bn: _BatchNorm, process_group: Any) -> SyncBatchNorm:
-    sync = SyncBatchNorm(
-        bn.num_features,
-        bn.eps,
-        bn.momentum,
-        bn.affine,
-        bn.track_running_stats,
-        process_group,
-        dtype=bn.dtype,
-        axis=bn.axis,
-        backend=bn.backend,
+    sync = SyncBatchNorm.like(
+        bn, process_group, dtype=bn.dtype, axis=bn.axis, backend=bn.backend,
         bias=bn.bias is not None,
-    )
+    )  # fmt: skip
     # share parameters and buffers, as PyTorch's convert_sync_batchnorm does
     sync.weight, sync.bias = bn.weight, bn.bias
     for name in ("running_mean", "running_var", "num_batches_tracked"):

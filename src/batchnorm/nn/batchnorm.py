@@ -98,10 +98,13 @@ class _BatchNorm(Module):
         if self.bias is not None:
             self.bias.data[...] = 0
 
-    def _check_input(self, x: np.ndarray) -> None:
-        if x.ndim not in self._expected_ndim:
+    def _check_ndim(self, ndim: int) -> None:
+        if ndim not in self._expected_ndim:
             dims = " or ".join(f"{d}D" for d in self._expected_ndim)
-            raise ValueError(f"expected {dims} input (got {x.ndim}D input)")
+            raise ValueError(f"expected {dims} input (got {ndim}D input)")
+
+    def _check_input(self, x: np.ndarray) -> None:
+        self._check_ndim(x.ndim)
         if not -x.ndim <= self.axis < x.ndim:
             raise ValueError(f"axis {self.axis} is out of range for {x.ndim}D input")
         if x.shape[self.axis] != self.num_features:

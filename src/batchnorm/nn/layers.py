@@ -131,67 +131,63 @@ class Linear(Module):
         )
 
 
-class Sigmoid(Module):
-    """``y = 1 / (1 + exp(-x))``; backward ``dx = dy * y * (1 - y)``."""
+class _Activation(Module):
+    """An elementwise activation whose backward needs one array forward made (``_kept``)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._y: np.ndarray | None = None
+        self._kept: np.ndarray | None = None
+
+    def _take(self) -> np.ndarray:
+        """What the last forward kept."""
+        if self._kept is None:
+            raise RuntimeError("backward() called before forward()")
+        return self._kept
+
+
+class Sigmoid(_Activation):
+    """``y = 1 / (1 + exp(-x))``; backward ``dx = dy * y * (1 - y)``."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         y = np.negative(x)
         np.exp(y, out=y)
         y += 1
         np.reciprocal(y, out=y)
-        self._y = y
+        self._kept = y
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        y = self._y
-        if y is None:
-            raise RuntimeError("backward() called before forward()")
+        y = self._take()
         dx = 1 - y
         dx *= y
         dx *= dy
         return dx
 
 
-class Tanh(Module):
+class Tanh(_Activation):
     """``y = tanh(x)``; backward ``dx = dy * (1 - y^2)``."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._y: np.ndarray | None = None
-
     def forward(self, x: np.ndarray) -> np.ndarray:
-        self._y = np.tanh(x)
-        return self._y
+        self._kept = np.tanh(x)
+        return self._kept
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        y = self._y
-        if y is None:
-            raise RuntimeError("backward() called before forward()")
+        y = self._take()
         dx = y * y
         np.subtract(1, dx, out=dx)
         dx *= dy
         return dx
 
 
-class ReLU(Module):
-    """``y = max(x, 0)``; backward passes dy where x > 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._mask: np.ndarray | None = None
+class ReLU(_Activation):
+    """``y = max(x, 0)``; backward passes dy where x > 0 (forward keeps that mask)."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        self._mask = x > 0
+        self._kept = x > 0
         return np.maximum(x, 0)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        if self._mask is None:
-            raise RuntimeError("backward() called before forward()")
-        return dy * self._mask
+        return dy * self._take()
 
 
 ACTIVATIONS: dict[str, type[Module]] = {"sigmoid": Sigmoid, "tanh": Tanh, "relu": ReLU}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from batchnorm import functional, kernels
 from batchnorm.layout import tensor_channels_last, tensor_view, view
-from batchnorm.torch.glue import StatsArgs, input_grads
+from batchnorm.torch.glue import BNFunction, Inputs, Needs, StatsArgs
 from batchnorm.torch.routing import route
 
 __all__ = ["BatchNormFunction", "batch_norm"]
@@ -156,41 +156,33 @@ def _backward(
     return dx, dw, db
 
 
-class BatchNormFunction(torch.autograd.Function):
+class BatchNormFunction(BNFunction):
     """Autograd glue: forward and backward on the routed kernels; double backward through
     PyTorch's differentiable ops. Everything backward needs goes through save_for_backward
-    (saved-tensor hooks see x)."""
+    (saved-tensor hooks see x). Config: ``(kind, backend)``; no residual."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        stats: StatsArgs,
-        kind: str,
-        backend: str,
-    ) -> torch.Tensor:
-        kind, y, mean, rstd = _forward(kind, x, weight, bias, stats, backend)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+    def run(ctx: Any, t: Inputs, stats: StatsArgs, kind: str, backend: str) -> torch.Tensor:
+        kind, y, mean, rstd = _forward(kind, t.x, t.weight, t.bias, stats, backend)
+        ctx.save_for_backward(t.x, t.weight, t.bias, mean, rstd)
         ctx.kind, ctx.training, ctx.eps, ctx.backend = kind, stats.training, stats.eps, backend
         return y
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def grads(ctx: Any, dy: torch.Tensor, needs: Needs) -> tuple[Any, ...]:
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
+        wanted = (needs.x, needs.weight, needs.bias)
         if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
-            grads = _differentiable_grads(
-                dy, x, weight, bias, mean, rstd, ctx.training, ctx.eps, needs
+            dx, dw, db = _differentiable_grads(
+                dy, x, weight, bias, mean, rstd, ctx.training, ctx.eps, wanted
             )
         else:
             bias_dtype = x.dtype if bias is None else bias.dtype
-            grads = _backward(
+            dx, dw, db = _backward(
                 ctx.kind, dy, x, weight, bias_dtype, mean, rstd, ctx.training, ctx.eps,
-                ctx.backend, needs,
+                ctx.backend, wanted,
             )  # fmt: skip
-        return input_grads(ctx, *grads)
+        return dx, None, dw, db
 
 
 def _differentiable_grads(
@@ -255,5 +247,5 @@ def batch_norm(
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias)
     ):
-        return BatchNormFunction.apply(input, weight, bias, stats, kind, backend)  # type: ignore[no-any-return]
+        return BatchNormFunction.apply(input, None, weight, bias, stats, kind, backend)  # type: ignore[no-any-return]
     return _forward(kind, input, weight, bias, stats, backend)[1]

@@ -31,7 +31,7 @@ from batchnorm import kernels
 from batchnorm.layout import view
 from batchnorm.math import grad_coefficients, inverse_std
 from batchnorm.torch import modules as ours
-from batchnorm.torch.glue import StatsArgs, input_grads, too_few_values
+from batchnorm.torch.glue import BNFunction, Inputs, Needs, StatsArgs, too_few_values
 from batchnorm.torch.modules import batch_norm_arguments
 
 __all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "bn_relu", "fuse_bn_relu"]
@@ -62,17 +62,12 @@ def _vec(t: torch.Tensor | None, channels: int, fill: float) -> np.ndarray:
     return t.detach().to(torch.float64).numpy()
 
 
-class _BNReLUFunction(torch.autograd.Function):
+class _BNReLUFunction(BNFunction):
+    """Config: ``(backend,)``."""
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        stats: StatsArgs,
-        backend: str,
-    ) -> torch.Tensor:
+    def run(ctx: Any, t: Inputs, stats: StatsArgs, backend: str) -> torch.Tensor:
+        x, residual, weight, bias = t
         training = stats.training
         xa = x.detach().numpy()
         layout = view(xa, 1)
@@ -110,7 +105,7 @@ class _BNReLUFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def grads(ctx: Any, dy: torch.Tensor, needs: Needs) -> tuple[Any, ...]:
         x, y = ctx.saved_tensors
         layout, mean, rstd, w, shift, count, training, backend = ctx.stats
         has_res, has_w, has_b = ctx.flags
@@ -119,7 +114,7 @@ class _BNReLUFunction(torch.autograd.Function):
         y3 = None if y is None else layout.to3d(y.detach().numpy(), xa.dtype)
         dy3 = layout.to3d(dy.detach().numpy(), xa.dtype)
         impl = _relu_kernels(backend, xa.dtype)
-        want_dz = has_res and ctx.needs_input_grad[1]
+        want_dz = has_res and needs.residual
         done = None
         if training:
             done = impl.fused_backward_relu(dy3, x3, mean, rstd, w, shift, y3, count, want_dz)
@@ -138,7 +133,7 @@ class _BNReLUFunction(torch.autograd.Function):
         dres = torch.from_numpy(layout.from3d(dz3)) if dz3 is not None else None
         dweight = torch.from_numpy(sum_dz_xmu * rstd).to(x.dtype) if has_w else None
         dbias = torch.from_numpy(sum_dz).to(x.dtype) if has_b else None
-        return input_grads(ctx, dx, dres, dweight, dbias)
+        return dx, dres, dweight, dbias
 
 
 def _ours(x: torch.Tensor, residual: torch.Tensor | None, *params: torch.Tensor | None) -> bool:

@@ -11,7 +11,7 @@ import torch
 
 from batchnorm.kernels.triton import relu as tr
 from batchnorm.math import grad_coefficients, inverse_std
-from batchnorm.torch.glue import StatsArgs, input_grads, too_few_values
+from batchnorm.torch.glue import BNFunction, Inputs, Needs, StatsArgs, too_few_values
 
 DTYPES = tr.DTYPES
 view3d = tr.view3d
@@ -23,18 +23,13 @@ def _vec(t: torch.Tensor | None, like: torch.Tensor, fill: float) -> torch.Tenso
     return t.detach().to(torch.float32)
 
 
-class TritonBNReLU(torch.autograd.Function):
-    """``relu(batch_norm(x) + residual)`` on the Triton kernels; x and residual share a layout."""
+class TritonBNReLU(BNFunction):
+    """``relu(batch_norm(x) + residual)`` on the Triton kernels; x and residual share a layout.
+    No config."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        stats: StatsArgs,
-    ) -> torch.Tensor:
+    def run(ctx: Any, t: Inputs, stats: StatsArgs) -> torch.Tensor:
+        x, residual, weight, bias = t
         shape = tr.view3d(x)
         assert shape is not None
         outer, _, inner, strides = shape
@@ -58,7 +53,7 @@ class TritonBNReLU(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def grads(ctx: Any, dy: torch.Tensor, needs: Needs) -> tuple[Any, ...]:
         x, y, mean, rstd, w, shift = ctx.saved_tensors
         n, inner, strides, training, has_res, w_dtype, b_dtype = ctx.config
         dy = dy if dy.stride() == x.stride() else torch.empty_like(x).copy_(dy)
@@ -68,9 +63,9 @@ class TritonBNReLU(torch.autograd.Function):
             a, b, c = grad_coefficients(w, rstd, s1, s2, n)
         else:
             a, b, c = scale, torch.zeros_like(w), torch.zeros_like(w)
-        want_dz = has_res and ctx.needs_input_grad[1]
+        want_dz = has_res and needs.residual
         dx, dz = tr.relu_grad_input(dy, x, y, mean, scale, shift, a, b, c, n, inner, strides,
                                     want_dz)
         dweight = None if w_dtype is None else (s2 * rstd).to(w_dtype)
         dbias = None if b_dtype is None else s1.to(b_dtype)
-        return input_grads(ctx, dx, dz, dweight, dbias)
+        return dx, dz, dweight, dbias

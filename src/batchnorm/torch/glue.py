@@ -1,21 +1,23 @@
-"""What the autograd Functions of :mod:`batchnorm.torch` share: their statistics arguments
-as one value, the running-statistics update, and the gradients ``backward`` returns.
+"""What the autograd Functions of :mod:`batchnorm.torch` share: one base class with one
+signature, their statistics arguments as one value, the running-statistics update, and the
+gradients ``backward`` returns.
 
 The Functions (:mod:`~batchnorm.torch.function`, :mod:`~batchnorm.torch.fused`,
-:mod:`~batchnorm.torch.fused_triton`, :mod:`~batchnorm.torch.sync`) take ``x``, the affine
-parameters (the inputs that get gradients) and one :class:`StatsArgs`.
+:mod:`~batchnorm.torch.fused_triton`, :mod:`~batchnorm.torch.sync`) derive from
+:class:`BNFunction`: they take ``x``, a residual (added before a ReLU), the affine parameters
+(the inputs that get gradients), one :class:`StatsArgs` and their own configuration.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from batchnorm.math import running_stats
 
-__all__ = ["StatsArgs", "input_grads", "too_few_values"]
+__all__ = ["BNFunction", "Inputs", "Needs", "StatsArgs", "input_grads", "too_few_values"]
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,54 @@ def input_grads(ctx: Any, *grads: Any) -> tuple[Any, ...]:
     needs = ctx.needs_input_grad
     mine = tuple(g if need else None for g, need in zip(grads, needs, strict=False))
     return mine + (None,) * (len(needs) - len(mine))
+
+
+class Inputs(NamedTuple):
+    """The inputs of a :class:`BNFunction` that get gradients, in ``apply``'s order."""
+
+    x: torch.Tensor
+    residual: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+class Needs(NamedTuple):
+    """Which of the :class:`Inputs` autograd wants a gradient for."""
+
+    x: bool
+    residual: bool
+    weight: bool
+    bias: bool
+
+
+class BNFunction(torch.autograd.Function):
+    """Base of the autograd Functions: ``apply(x, residual, weight, bias, stats, *config)``.
+
+    A subclass defines two static methods: ``run(ctx, inputs, stats, *config) -> y``, which
+    saves what it needs on ctx, and ``grads(ctx, dy, needs) -> (dx, dresidual, dweight,
+    dbias)``, run as backward (decorate it ``once_differentiable`` where double backward would
+    be wrong). Autograd names the graph node after the subclass (``<name>Backward``).
+    """
+
+    @classmethod
+    def apply(cls, *args: Any) -> Any:
+        return super().apply(cls, *args)  # forward is static: it gets the subclass from here
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        cls: Any,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        stats: StatsArgs,
+        *config: Any,
+    ) -> torch.Tensor:
+        ctx.function = cls
+        return cls.run(ctx, Inputs(x, residual, weight, bias), stats, *config)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        needs = Needs(*ctx.needs_input_grad[1:5])
+        return input_grads(ctx, None, *ctx.function.grads(ctx, dy, needs))

@@ -32,9 +32,9 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.distributed.agree import HEADER_SIZE, check, header
-from batchnorm.distributed.comm import DEFAULT_TIMEOUT, CollectiveError, wait
+from batchnorm.distributed.comm import CollectiveError, SyncArgs, wait
 from batchnorm.math import grad_coefficients, inverse_std, merge_all
-from batchnorm.torch.glue import StatsArgs, input_grads, too_few_values
+from batchnorm.torch.glue import BNFunction, Inputs, Needs, StatsArgs, too_few_values
 from batchnorm.torch.modules import batch_norm_arguments
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -76,18 +76,14 @@ def _agree(x: torch.Tensor, num_features: int, group: Any, timeout: float) -> li
     return [row[HEADER_SIZE] for row in table]
 
 
-class _SyncBatchNormFunction(torch.autograd.Function):
+class _SyncBatchNormFunction(BNFunction):
+    """Config: ``(group, counts, timeout)``; no residual."""
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        stats: StatsArgs,
-        group: Any,
-        counts: list[float],
-        timeout: float,
+    def run(
+        ctx: Any, t: Inputs, stats: StatsArgs, group: Any, counts: list[float], timeout: float
     ) -> torch.Tensor:
+        x, _, weight, bias = t
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         acc = _acc_dtype(x)
@@ -122,7 +118,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def grads(ctx: Any, dy: torch.Tensor, needs: Needs) -> tuple[Any, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
@@ -132,12 +128,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         sum_dy = dy.sum(dim=dims, dtype=mean.dtype)
         sum_dy_xmu = (dy * xmu).sum(dim=dims, dtype=mean.dtype)
         grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
+        if weight is not None and needs.weight:
             grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)  # this process's share
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and needs.bias:
             grad_bias = sum_dy.to(weight.dtype if weight is not None else dy.dtype)
-        if not ctx.needs_input_grad[0]:
-            return input_grads(ctx, None, grad_weight, grad_bias)
+        if not needs.x:
+            return None, None, grad_weight, grad_bias
         both = torch.cat((sum_dy, sum_dy_xmu))
         work = dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True)
         _collective("all-reduce (gradient sums)", work, both.numel(), ctx.group, ctx.timeout)
@@ -145,10 +141,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         a, b, c = grad_coefficients(w, invstd, both[:channels], both[channels:], max(ctx.total, 1))
         dx = xmu.mul_(b.to(x.dtype).view(shape)).add_(c.to(x.dtype).view(shape))
         dx.addcmul_(dy, a.to(x.dtype).view(shape))
-        return input_grads(ctx, dx, grad_weight, grad_bias)
+        return dx, None, grad_weight, grad_bias
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(SyncArgs, _BatchNorm):
     r"""Batch normalization over the whole batch of a process group, on CPU or CUDA.
 
     A drop-in for ``torch.nn.SyncBatchNorm`` (same constructor, state dict and
@@ -162,6 +158,7 @@ class SyncBatchNorm(_BatchNorm):
         num_features: C of an input of shape (N, C, ...).
         eps, momentum, affine, track_running_stats: as ``torch.nn.BatchNorm2d``.
         process_group: the torch.distributed group to synchronize over; None: the default.
+        device, dtype: of the parameters and buffers, as ``torch.nn.SyncBatchNorm``.
         timeout: keyword-only, seconds each collective may take before every waiting rank
             raises :class:`~batchnorm.distributed.comm.CollectiveError`.
 
@@ -175,25 +172,6 @@ class SyncBatchNorm(_BatchNorm):
         model = convert_sync_batchnorm(model)        # every BatchNorm*d -> SyncBatchNorm
         model = torch.nn.parallel.DistributedDataParallel(model)
     """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
-        )
-        self.process_group = process_group
-        self.timeout = float(timeout)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -224,7 +202,7 @@ class SyncBatchNorm(_BatchNorm):
             )  # fmt: skip
         stats = StatsArgs(running_mean, running_var, bn_training, factor, self.eps)
         out: torch.Tensor = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, stats, group, counts, timeout
+            input, None, self.weight, self.bias, stats, group, counts, timeout
         )
         return out
 
@@ -258,14 +236,7 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None) -
     out = module
     if _is_batchnorm(module):
         bn: Any = module
-        sync = SyncBatchNorm(
-            bn.num_features,
-            bn.eps,
-            bn.momentum,
-            bn.affine,
-            bn.track_running_stats,
-            process_group,
-        )
+        sync = SyncBatchNorm.like(bn, process_group)
         if bn.affine:
             with torch.no_grad():
                 sync.weight = bn.weight
