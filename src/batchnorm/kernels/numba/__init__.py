@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchnorm.kernels.numba import cache, config, fused, ops, plan, rows, segments
+from batchnorm.kernels.numba import cache, config, fused, plan, rows, segments
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -108,8 +108,7 @@ def fused_forward(
 
     Rows layouts always; segments where reading x once pays (:func:`.plan.fusable`).
     """
-    rows_layout = plan.use_rows(x3)
-    chunks, group = (plan.chunks(x3), 0) if rows_layout else plan.fusable(x3, 1)
+    chunks, group = plan.fused(x3, 1)
     if not chunks:
         return None
     outer, channels, inner = x3.shape
@@ -119,21 +118,10 @@ def fused_forward(
     x = np.ascontiguousarray(x3).reshape(-1)
     y3 = np.empty_like(x3)
     mean, m2, rstd = np.empty(channels), np.empty(channels), np.empty(channels)
-    if rows_layout:
-        ok = fused.rows_forward(
-            x, w, b, float(eps), rm, rv, float(momentum), y3.reshape(-1), mean, m2, rstd,
-            outer, channels, inner, chunks,
-        )  # fmt: skip
-    else:
-        fused.segments_forward(
-            x, w, b, float(eps), y3.reshape(-1), mean, m2, outer, channels, inner, group,
-            config.BLOCK, chunks,
-        )  # fmt: skip
-        scale, shift = np.empty(channels), np.empty(channels)
-        ok = ops.batch_coefficients(
-            mean, m2, float(outer * inner), float(eps), w, b, rm, rv, float(momentum),
-            rstd, scale, shift,
-        )  # fmt: skip
+    ok = fused.forward(
+        x, w, b, float(eps), rm, rv, float(momentum), y3.reshape(-1), mean, m2, rstd,
+        outer, channels, inner, group, config.BLOCK, chunks,
+    )  # fmt: skip
     if ok:
         for given, used in ((running_mean, rm), (running_var, rv)):
             if given is not None and used is not given:
@@ -153,8 +141,7 @@ def fused_backward(
 
     Rows layouts always; segments where reading dy and x once pays.
     """
-    rows_layout = plan.use_rows(x3)
-    chunks, group = (plan.chunks(x3), 0) if rows_layout else plan.fusable(x3, 2)
+    chunks, group = plan.fused(x3, 2)
     if not chunks:
         return None
     x = np.ascontiguousarray(x3)
@@ -168,10 +155,7 @@ def fused_backward(
         dy.reshape(-1), x.reshape(-1), _vec(mean), _vec(rstd), w, dx3.reshape(-1), sum_dy,
         sum_dy_xmu, float(max(count, 1)), *x3.shape,
     )  # fmt: skip
-    if rows_layout:
-        fused.rows_backward(*args, chunks)
-    else:
-        fused.segments_backward(*args, group, chunks)
+    fused.backward(*args, group, chunks)
     return dx3, sum_dy, sum_dy_xmu
 
 

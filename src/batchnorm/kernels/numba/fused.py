@@ -1,8 +1,11 @@
 """Training passes in one compiled call each: statistics, the per-channel arithmetic, output.
 
-*rows* (2-D, channels-last): the rows kernels' chunks, the per-channel arithmetic
-(:func:`.ops.batch_coefficients`, :func:`batchnorm.math.grad_coefficients`) and the
-elementwise pass in one call, so a small batch costs one dispatch per pass.
+:data:`forward` and :data:`backward` take either layout (``group`` 0: rows; see
+:func:`.plan.fused`) and finish with the per-channel arithmetic
+(:func:`.ops.batch_coefficients`, :func:`batchnorm.math.grad_coefficients`), so a training
+pass costs one dispatch.
+
+*rows* (2-D, channels-last): the rows kernels' chunks, then the elementwise pass.
 
 *segments*: channel-parallel, x (and dy) read from memory once. A thread owns whole
 channels: it reduces their segments (bringing them into its L2 cache), then makes the
@@ -20,28 +23,24 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from batchnorm.kernels.numba import ops, rows
-from batchnorm.kernels.numba.config import Kernel, U, grad_coefficients, inverse_std
+from batchnorm.kernels.numba.config import (
+    FLAGS,
+    Kernel,
+    U,
+    grad_coefficients,
+    inverse_std,
+)
 from batchnorm.kernels.numba.segments import block_stats, segment_stats
 
 
+@njit(inline="always", **FLAGS)
 def _segments_forward(
-    x: Any,
-    weight: Any,
-    bias: Any,
-    eps: float,
-    y: Any,
-    mean: Any,
-    m2: Any,
-    outer: int,
-    channels: int,
-    inner: int,
-    group: int,
-    block: int,
-    chunks: int,
-) -> None:
+    x: Any, weight: Any, bias: Any, eps: float, y: Any, mean: Any, m2: Any, outer: int,
+    channels: int, inner: int, group: int, block: int, chunks: int,
+) -> None:  # fmt: skip
     count = float(outer * inner)
     groups = (channels + group - 1) // group
     for t in prange(chunks):
@@ -87,22 +86,11 @@ def _segments_forward(
                         y[u] = ops.normalize(x[u], 0.0, mc, sc, bc, 0.0)
 
 
+@njit(inline="always", **FLAGS)
 def _segments_backward(
-    dy: Any,
-    x: Any,
-    mean: Any,
-    rstd: Any,
-    weight: Any,
-    dx: Any,
-    sum_dy: Any,
-    sum_dy_xmu: Any,
-    count: float,
-    outer: int,
-    channels: int,
-    inner: int,
-    group: int,
-    chunks: int,
-) -> None:
+    dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any, sum_dy_xmu: Any,
+    count: float, outer: int, channels: int, inner: int, group: int, chunks: int,
+) -> None:  # fmt: skip
     groups = (channels + group - 1) // group
     for t in prange(chunks):
         ca = np.empty(group)
@@ -147,55 +135,20 @@ def _segments_backward(
                         dx[u] = ops.grad_input(x[u], dy[u], mc, aj, bj, cj)
 
 
-def _rows_forward(
-    x: Any,
-    weight: Any,
-    bias: Any,
-    eps: float,
-    running_mean: Any,
-    running_var: Any,
-    momentum: float,
-    y: Any,
-    mean: Any,
-    m2: Any,
-    rstd: Any,
-    outer: int,
-    channels: int,
-    inner: int,
-    chunks: int,
-) -> bool:
+@njit(inline="always", **FLAGS)
+def _rows_forward(x: Any, y: Any, mean: Any, m2: Any, scale: Any, shift: Any, outer: int,
+                  channels: int, inner: int, chunks: int) -> None:  # fmt: skip
+    """The rows statistics into mean/m2; then, once scale and shift are set, the output."""
     mean_c, m2_c = rows.stats_inline(x, outer, channels, inner, chunks)
     mean[:] = mean_c
     m2[:] = m2_c
-    scale = np.empty(channels)
-    shift = np.empty(channels)
-    ok = ops.batch_coefficients(
-        mean, m2, float(outer * inner), eps, weight, bias, running_mean, running_var, momentum,
-        rstd, scale, shift,
-    )  # fmt: skip
-    m = np.repeat(mean, inner)
-    s = np.repeat(scale, inner)
-    b = np.repeat(shift, inner)
-    for t in prange(chunks):
-        rows.normalize_chunk(x, x, m, s, b, b, y, outer, t, chunks)
-    return ok
 
 
+@njit(inline="always", **FLAGS)
 def _rows_backward(
-    dy: Any,
-    x: Any,
-    mean: Any,
-    rstd: Any,
-    weight: Any,
-    dx: Any,
-    sum_dy: Any,
-    sum_dy_xmu: Any,
-    count: float,
-    outer: int,
-    channels: int,
-    inner: int,
-    chunks: int,
-) -> None:
+    dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any, sum_dy_xmu: Any,
+    count: float, outer: int, channels: int, inner: int, chunks: int,
+) -> None:  # fmt: skip
     s1, s2 = rows.grad_sums_inline(dy, x, mean, outer, channels, inner, chunks)
     sum_dy[:] = s1
     sum_dy_xmu[:] = s2
@@ -208,7 +161,46 @@ def _rows_backward(
         rows.grad_input_chunk(x, dy, mean_w, aw, bw, cw, dx, outer, t, chunks)
 
 
-segments_forward = Kernel(_segments_forward)
-segments_backward = Kernel(_segments_backward)
-rows_forward = Kernel(_rows_forward)
-rows_backward = Kernel(_rows_backward)
+def _forward(
+    x: Any, weight: Any, bias: Any, eps: float, running_mean: Any, running_var: Any,
+    momentum: float, y: Any, mean: Any, m2: Any, rstd: Any, outer: int, channels: int,
+    inner: int, group: int, block: int, chunks: int,
+) -> bool:  # fmt: skip
+    """The training forward of either layout (``group`` 0: rows; else channel groups of
+    segments, reduced in two-pass blocks of ``block`` values). Returns whether the running
+    statistics were updated (every mean finite)."""
+    scale = np.empty(channels)
+    shift = np.empty(channels)
+    if group == 0:
+        _rows_forward(x, y, mean, m2, scale, shift, outer, channels, inner, chunks)
+    else:  # normalizes as it goes, each group from cache
+        _segments_forward(x, weight, bias, eps, y, mean, m2, outer, channels, inner, group,
+                          block, chunks)  # fmt: skip
+    ok = ops.batch_coefficients(
+        mean, m2, float(outer * inner), eps, weight, bias, running_mean, running_var, momentum,
+        rstd, scale, shift,
+    )  # fmt: skip
+    if group == 0:
+        m = np.repeat(mean, inner)
+        s = np.repeat(scale, inner)
+        b = np.repeat(shift, inner)
+        for t in prange(chunks):
+            rows.normalize_chunk(x, x, m, s, b, b, y, outer, t, chunks)
+    return ok
+
+
+def _backward(
+    dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any, sum_dy_xmu: Any,
+    count: float, outer: int, channels: int, inner: int, group: int, chunks: int,
+) -> None:  # fmt: skip
+    """The training backward of either layout (``group`` 0: rows)."""
+    if group == 0:
+        _rows_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, count, outer,
+                       channels, inner, chunks)  # fmt: skip
+    else:
+        _segments_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, count, outer,
+                           channels, inner, group, chunks)  # fmt: skip
+
+
+forward = Kernel(_forward)
+backward = Kernel(_backward)

@@ -39,3 +39,11 @@ def fusable(x3: np.ndarray, arrays: int) -> tuple[int, int]:
         # rows. Some imbalance pays: 3 groups on 2 threads still beat moving x once more.
         return 0, 0
     return min(threads, groups), group
+
+
+def fused(x3: np.ndarray, arrays: int) -> tuple[int, int]:
+    """``(chunks, group)`` for a one-call training pass reading ``arrays`` arrays: rows
+    layouts always (group 0), segments where :func:`fusable` finds a gain; (0, 0): decline."""
+    if use_rows(x3):
+        return chunks(x3), 0
+    return fusable(x3, arrays)
