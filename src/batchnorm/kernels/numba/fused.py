@@ -37,6 +37,26 @@ from batchnorm.kernels.numba.segments import block_stats, segment_stats
 
 
 @njit(inline="always", **FLAGS)
+def _group_pass(
+    kind: int, x: Any, dy: Any, mean: Any, p: Any, q: Any, r: Any, out: Any, outer: int,
+    channels: int, inner: int, c0: int, width: int,
+) -> None:  # fmt: skip
+    """The elementwise pass ``kind`` over the group of channels c0 .. c0 + width - 1, row
+    by row (mean per channel; p, q, r per channel of the group)."""
+    for o in range(outer):
+        base = (o * channels + c0) * inner
+        for j in range(width):
+            mc = mean[c0 + j]
+            pj = p[j]
+            qj = q[j]
+            rj = r[j]
+            start = U(base + j * inner)
+            for i in range(inner):
+                u = start + U(i)
+                out[u] = ops.formula(kind, x[u], dy[u], mc, pj, qj, rj)
+
+
+@njit(inline="always", **FLAGS)
 def _segments_forward(
     x: Any, weight: Any, bias: Any, eps: float, y: Any, mean: Any, m2: Any, outer: int,
     channels: int, inner: int, group: int, block: int, chunks: int,
@@ -47,6 +67,7 @@ def _segments_forward(
         seg_mean = np.empty((outer, group))  # every segment has `inner` values: equal weights
         q = np.empty(group)
         scale = np.empty(group)
+        shift = np.empty(group)
         for g in range(groups * t // chunks, groups * (t + 1) // chunks):
             c0 = g * group
             width = min(group, channels - c0)
@@ -73,17 +94,9 @@ def _segments_forward(
                 mean[c] = mu
                 m2[c] = q[j] + inner * d2
                 scale[j] = weight[c] * inverse_std(m2[c] / count, eps)
-            for o in range(outer):
-                base = (o * channels + c0) * inner
-                for j in range(width):
-                    c = c0 + j
-                    mc = mean[c]
-                    sc = scale[j]
-                    bc = bias[c]
-                    start = U(base + j * inner)
-                    for i in range(inner):
-                        u = start + U(i)
-                        y[u] = ops.normalize(x[u], 0.0, mc, sc, bc, 0.0)
+                shift[j] = bias[c]
+            _group_pass(ops.NORMALIZE, x, x, mean, scale, shift, shift, y, outer, channels,
+                        inner, c0, width)  # fmt: skip
 
 
 @njit(inline="always", **FLAGS)
@@ -122,17 +135,8 @@ def _segments_backward(
                 ca[j], cb[j], cc[j] = grad_coefficients(
                     weight[c], rstd[c], sum_dy[c], sum_dy_xmu[c], count
                 )
-            for o in range(outer):
-                base = (o * channels + c0) * inner
-                for j in range(width):
-                    mc = mean[c0 + j]
-                    aj = ca[j]
-                    bj = cb[j]
-                    cj = cc[j]
-                    start = U(base + j * inner)
-                    for i in range(inner):
-                        u = start + U(i)
-                        dx[u] = ops.grad_input(x[u], dy[u], mc, aj, bj, cj)
+            _group_pass(ops.GRAD_INPUT, x, dy, mean, ca, cb, cc, dx, outer, channels, inner, c0,
+                        width)  # fmt: skip
 
 
 @njit(inline="always", **FLAGS)
