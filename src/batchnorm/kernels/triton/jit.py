@@ -62,6 +62,13 @@ def _program(C, OUTER, INNER, O_PER, I_PER, SPLIT_I, BLOCK_C: tl.constexpr,
 
 
 @triton.jit
+def _split_rows(s0, SPLITS, c, cmask, C, BLOCK_S: tl.constexpr):
+    """Offsets and mask of rows s0 .. s0 + BLOCK_S of a (splits, C) table, channels c."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    return s[:, None] * C + c[None, :], (s < SPLITS)[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _stats_kernel(
     X, P_COUNT, P_MEAN, P_M2,
     C, OUTER, INNER, SO, SC, SI, O_PER, I_PER, SPLIT_I,
@@ -106,17 +113,13 @@ def _finalize_kernel(
     if TRAINING:  # batchnorm.math.merge_all of the splits' summaries: mean first, then m2
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for s0 in range(0, SPLITS, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            m = (s < SPLITS)[:, None] & cmask[None, :]
-            offs = s[:, None] * C + c[None, :]
+            offs, m = _split_rows(s0, SPLITS, c, cmask, C, BLOCK_S)
             n = tl.load(P_COUNT + offs, mask=m, other=0.0)
             acc += tl.sum(n * tl.load(P_MEAN + offs, mask=m, other=0.0), axis=0)
         mean = acc / total
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
         for s0 in range(0, SPLITS, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            m = (s < SPLITS)[:, None] & cmask[None, :]
-            offs = s[:, None] * C + c[None, :]
+            offs, m = _split_rows(s0, SPLITS, c, cmask, C, BLOCK_S)
             n = tl.load(P_COUNT + offs, mask=m, other=0.0)
             d = tl.load(P_MEAN + offs, mask=m, other=0.0) - mean[None, :]
             m2 += tl.sum(tl.load(P_M2 + offs, mask=m, other=0.0) + n * d * d, axis=0)
@@ -178,9 +181,7 @@ def _grad_coef_kernel(
     sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(0, SPLITS, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        m = (s < SPLITS)[:, None] & cmask[None, :]
-        offs = s[:, None] * C + c[None, :]
+        offs, m = _split_rows(s0, SPLITS, c, cmask, C, BLOCK_S)
         sum_dy += tl.sum(tl.load(P_SDY + offs, mask=m, other=0.0), axis=0)
         sum_dy_xmu += tl.sum(tl.load(P_SDYX + offs, mask=m, other=0.0), axis=0)
     rstd = tl.load(RSTD + c, mask=cmask, other=0.0)
