@@ -40,7 +40,6 @@ class Backward:
     y3: Array | None
 
 
-
 @dataclass(frozen=True)
 class ReLUPasses:
     """One backend's BN + ReLU passes: its loops behind the shared signatures.

@@ -1,8 +1,6 @@
-"""Numba kernels for fused BN + ReLU (+ residual): the NumPy module's functions, in parallel.
-
-``z = (x - mean) * scale + shift [+ residual]``, ``y = max(z, 0)``. The backward needs ReLU's
-mask ``z > 0``: read from ``y`` when there is a residual, else recomputed from ``x`` (which BN
-keeps anyway), so no pre-activation is ever stored.
+"""Numba kernels for fused BN + ReLU (+ residual): the NumPy module's passes, in parallel,
+behind the entry points of :mod:`batchnorm.kernels.relu` (which says what they compute and
+where ReLU's mask comes from).
 
 Training passes (:func:`fused_forward_relu`, :func:`fused_backward_relu`) give each thread
 whole channels: a channel's values are read from memory once and the next passes over them
@@ -30,7 +28,6 @@ from batchnorm.kernels.relu import Backward, ReLUPasses, given
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 FUSE_MIN_INNER = 64  # shorter segments (channels-last, maps under 8x8) use the per-pass kernels
-
 
 
 @njit(**FLAGS)
