@@ -203,6 +203,11 @@ class RunResults(JsonResults):
         return label, f"{self.seconds:.1f} s {detail}"
 
 
+def per_net(labels: dict[str, str], values: dict[str, float], spec: str) -> str:
+    """``"label value  |  label value ..."``: a value per net (or arm), formatted by ``spec``."""
+    return "  |  ".join(f"{labels[n]} {v:{spec}}" for n, v in values.items())
+
+
 def new_results(results_type: type[RunT], config: Any, data: Dataset, names: Iterable[str],
                 *histories: str) -> RunT:
     """Empty results of a run of ``config`` on ``data``: for each field in ``histories``, an
@@ -219,6 +224,20 @@ class StepResults(RunResults):
 
     steps: list[int] = field(default_factory=list)
     accuracy: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def last_step(self) -> int:
+        """The last evaluated step (0 before the first evaluation)."""
+        return self.steps[-1] if self.steps else 0
+
+    def final(self, name: str) -> float:
+        """The last test accuracy of net (or arm) ``name``; NaN before the first evaluation."""
+        return self.accuracy[name][-1] if self.accuracy.get(name) else float("nan")
+
+    def accuracy_row(self, label: str, labels: dict[str, str], detail: str = "") -> tuple[str, str]:
+        """The summary's row of the last test accuracy of each net in ``labels`` (name: label)."""
+        return (f"{label} at step {self.last_step:,}{detail}",
+                per_net(labels, {n: self.final(n) for n in labels}, ".4f"))
 
 
 @dataclass

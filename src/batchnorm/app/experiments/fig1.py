@@ -239,7 +239,7 @@ def _accs(results: Results) -> str:
 def summary(results: Results) -> list[tuple[str, str]]:
     """(label, value) rows for the printed table."""
     rows = []
-    last = results.steps[-1] if results.steps else 0
+    last = results.last_step
     marks = sorted({s for s in (5_000, 50_000) if s < last} | {last})
     for s in marks:
         plain, bn = (_or_nan(results.accuracy_at(n, s)) for n in NETS)

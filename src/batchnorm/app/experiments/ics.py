@@ -127,13 +127,12 @@ def summary(results: Results) -> list[tuple[str, str]]:
     for n in NETS:
         cos = results.mean_over_training("cosine", n)
         rel = results.mean_over_training("relative", n)
-        acc = results.accuracy[n][-1] if results.accuracy[n] else float("nan")
         rows.append((f"{LABELS[n]}: mean cosine(G, G') for layers 2..{len(cos) + 1}",
                      " ".join(f"{c:.2f}" for c in cos)))
         rows.append((f"{LABELS[n]}: mean ||G - G'|| / ||G||, layers 2..{len(rel) + 1}",
                      " ".join(f"{r:.3f}" for r in rel)))
         rows.append((f"{LABELS[n]}: test accuracy at the last measure",
-                     f"{acc:.4f} (step {results.steps[-1] if results.steps else 0:,})"))
+                     f"{results.final(n):.4f} (step {results.last_step:,})"))
     rows.append(results.time_row("time", f"for {last:,} steps (four nets)"))
     return rows
 

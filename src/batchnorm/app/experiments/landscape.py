@@ -139,9 +139,8 @@ def summary(results: Results) -> list[tuple[str, str]]:
                        ("grad_change", "largest change of the gradient, ||g' - g||"),
                        ("beta", "effective beta-smoothness")):
         rows.append((f"{label} (median over probes from step {start:,})",
-                     "  |  ".join(f"{LABELS[n]} {late[n][key]:.4g}" for n in NETS)))
-    accs = "  |  ".join(f"{LABELS[n]} {results.accuracy[n][-1]:.4f}" for n in NETS)
-    rows.append((f"test accuracy at step {results.steps[-1] if results.steps else 0:,}", accs))
+                     common.per_net(LABELS, {n: late[n][key] for n in NETS}, ".4g")))
+    rows.append(results.accuracy_row("test accuracy", LABELS))
     rows.append(results.time_row("time", f"for {results.config['steps']:,} steps"))
     return rows
 

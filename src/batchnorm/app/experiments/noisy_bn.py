@@ -161,10 +161,7 @@ run = common.Experiment(Config, _run, check=_check)
 
 
 def summary(results: Results) -> list[tuple[str, str]]:
-    rows = []
-    last = results.steps[-1] if results.steps else 0
-    accs = "  |  ".join(f"{LABELS[n]} {results.accuracy[n][-1]:.4f}" for n in NETS)
-    rows.append((f"test accuracy at step {last:,}", accs))
+    rows = [results.accuracy_row("test accuracy", LABELS)]
     for n in NETS:
         d = results.drift(n)
         rows.append((f"unit {results.config['unit']}'s sigmoid input from step "
@@ -172,7 +169,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      f"median moves {d['median_step']:.3f} and 15-85 spread "
                      f"{d['spread_step']:.3f} per evaluation; median range "
                      f"{d['median_range']:.3f}"))
-    rows.append(results.time_row("time", f"for {last:,} steps (three nets)"))
+    rows.append(results.time_row("time", f"for {results.last_step:,} steps (three nets)"))
     return rows
 
 

@@ -69,9 +69,6 @@ class Results(common.StepResults):
     max_param_diff_sync_vs_single: float = float("nan")
     collective: dict[str, float] = field(default_factory=dict)
 
-    def final(self, arm: str) -> float:
-        return self.accuracy[arm][-1] if self.accuracy.get(arm) else float("nan")
-
 
 def _net(config: Config, sizes: list[int]) -> Sequential:
     return mlp(sizes, "sigmoid", batch_norm=True, init="normal", std=config.init_std,
@@ -110,7 +107,7 @@ def worker(ctx: Any, payload: dict[str, Any]) -> dict[str, Any] | None:
         if rank != 0:
             loss_sum["plain"] = loss_sum["sync"] = 0.0
             return  # accuracy makes no collective call, so rank 0 may evaluate alone
-        since = step - (results.steps[-1] if results.steps else 0)
+        since = step - results.last_step
         results.steps.append(step)
         for a in ARMS:
             results.accuracy[a].append(common.accuracy(nets[a], data.x_test, data.y_test))
@@ -190,12 +187,9 @@ def summary(results: Results) -> list[tuple[str, str]]:
     """(label, value) rows for the printed table."""
     cfg = results.config
     w, b = cfg["world_size"], cfg["batch_per_process"]
-    last = results.steps[-1] if results.steps else 0
-    rows = [(f"sync test accuracy at step {last:,} ({w} processes x batch {b})",
-             "  |  ".join(f"{LABELS[a]} {results.final(a):.4f}" for a in ARMS))]
+    rows = [results.accuracy_row("sync test accuracy", LABELS, f" ({w} processes x batch {b})")]
     best = {a: max(results.accuracy[a]) for a in ARMS if results.accuracy.get(a)}
-    rows.append(("sync best test accuracy",
-                 "  |  ".join(f"{LABELS[a]} {v:.4f}" for a, v in best.items())))
+    rows.append(("sync best test accuracy", common.per_net(LABELS, best, ".4f")))
     rows.append(("sync largest parameter difference SyncBN vs one process",
                  f"{results.max_param_diff_sync_vs_single:.2e}"))
     c = results.collective
@@ -204,7 +198,7 @@ def summary(results: Results) -> list[tuple[str, str]]:
                      f"SyncBN {c['syncbn_calls_per_step']:.0f} calls, "
                      f"{c['syncbn_ms_per_step']:.3f} ms; gradient all-reduce "
                      f"{c['grad_allreduce_ms_per_step']:.3f} ms (rank 0)"))
-    rows.append(results.time_row("sync time", f"for {last:,} steps ({cfg['engine']})"))
+    rows.append(results.time_row("sync time", f"for {results.last_step:,} steps ({cfg['engine']})"))
     return rows
 
 

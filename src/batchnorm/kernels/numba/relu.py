@@ -1,8 +1,6 @@
-"""Numba kernels for fused BN + ReLU (+ residual): the NumPy module's functions, in parallel.
-
-``z = (x - mean) * scale + shift [+ residual]``, ``y = max(z, 0)``. The backward needs ReLU's
-mask ``z > 0``: read from ``y`` when there is a residual, else recomputed from ``x`` (which BN
-keeps anyway), so no pre-activation is ever stored.
+"""Numba kernels for fused BN + ReLU (+ residual): the NumPy module's passes, in parallel,
+behind the entry points of :mod:`batchnorm.kernels.relu` (which says what they compute and
+where ReLU's mask comes from).
 
 Training passes (:func:`fused_forward_relu`, :func:`fused_backward_relu`) give each thread
 whole channels: a channel's values are read from memory once and the next passes over them
@@ -26,10 +24,10 @@ from numba import njit, prange
 from batchnorm.kernels.numba.config import FLAGS, PARALLEL_FLAGS
 from batchnorm.kernels.numba.config import grad_coefficients as _grad_coefficients
 from batchnorm.kernels.numba.config import inverse_std as _inverse_std
+from batchnorm.kernels.relu import Backward, ReLUPasses, given
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 FUSE_MIN_INNER = 64  # shorter segments (channels-last, maps under 8x8) use the per-pass kernels
-
 
 
 @njit(**FLAGS)
@@ -151,59 +149,35 @@ def _fused_backward(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, rstd: Any, 
             _segment_dx(dy, x, y, has_y, o, c, m, s, t, k, want_dz, dx, dz)
 
 
-# --- the interface (same signatures as batchnorm.kernels.numpy) ---------------------------------
+# --- the interface: batchnorm.kernels.relu.ReLUPasses over these kernels --------------------------
 def _vec(v: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=np.float64)
 
 
-def _mask_source(y3: np.ndarray | None, x3: np.ndarray) -> tuple[np.ndarray, bool]:
-    return (x3, False) if y3 is None else (y3, True)
-
-
-def normalize_relu(
-    x3: np.ndarray,
-    mean: np.ndarray,
-    scale: np.ndarray,
-    shift: np.ndarray,
-    residual3: np.ndarray | None,
-) -> np.ndarray:
+def _relu_forward(x3: np.ndarray, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray,
+                  residual3: np.ndarray | None) -> np.ndarray:
     y3 = np.empty_like(x3)
-    res = x3 if residual3 is None else residual3
-    _normalize_relu(x3, _vec(mean), _vec(scale), _vec(shift), res, residual3 is not None, y3)
+    _normalize_relu(x3, _vec(mean), _vec(scale), _vec(shift), *given(residual3, x3), y3)
     return y3
 
 
-def relu_grad_sums(
-    dy3: np.ndarray,
-    x3: np.ndarray,
-    mean: np.ndarray,
-    scale: np.ndarray,
-    shift: np.ndarray,
-    y3: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    chunks = max(1, min(numba.get_num_threads(), x3.shape[0]))
-    y, has_y = _mask_source(y3, x3)
-    s1, s2 = _relu_grad_sums(dy3, x3, y, has_y, _vec(mean), _vec(scale), _vec(shift), chunks)
+def _relu_sums(g: Backward) -> tuple[np.ndarray, np.ndarray]:
+    chunks = max(1, min(numba.get_num_threads(), g.x3.shape[0]))
+    s1, s2 = _relu_grad_sums(g.dy3, g.x3, *given(g.y3, g.x3), _vec(g.mean), _vec(g.scale),
+                             _vec(g.shift), chunks)
     return s1, s2
 
 
-def relu_grad_input(
-    dy3: np.ndarray,
-    x3: np.ndarray,
-    mean: np.ndarray,
-    scale: np.ndarray,
-    shift: np.ndarray,
-    y3: np.ndarray | None,
-    coefficients: tuple[np.ndarray, np.ndarray, np.ndarray],
-    want_dz: bool,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    a, b, c = coefficients
-    dx3 = np.empty_like(x3)
-    dz3 = np.empty_like(dy3) if want_dz else dx3
-    y, has_y = _mask_source(y3, x3)
-    _relu_grad_input(dy3, x3, y, has_y, _vec(mean), _vec(scale), _vec(shift), _vec(a), _vec(b),
-                     _vec(c), want_dz, dx3, dz3)
-    return dx3, (dz3 if want_dz else None)
+def _relu_input(g: Backward, a: np.ndarray, b: np.ndarray, c: np.ndarray, dx3: np.ndarray,
+                dz3: np.ndarray | None) -> None:
+    dz, want_dz = given(dz3, dx3)  # dx3 stands in, never written
+    _relu_grad_input(g.dy3, g.x3, *given(g.y3, g.x3), _vec(g.mean), _vec(g.scale), _vec(g.shift),
+                     _vec(a), _vec(b), _vec(c), want_dz, dx3, dz)
+
+
+_relu = ReLUPasses(_relu_forward, _relu_sums, _relu_input)
+normalize_relu, relu_grad_sums, relu_grad_input = (
+    _relu.normalize_relu, _relu.relu_grad_sums, _relu.relu_grad_input)
 
 
 def _fusable(x3: np.ndarray) -> bool:
@@ -220,9 +194,7 @@ def fused_forward_relu(
     channels = x3.shape[1]
     y3 = np.empty_like(x3)
     mean, m2 = np.empty(channels), np.empty(channels)
-    res = x3 if residual3 is None else residual3
-    _fused_forward(x3, _vec(weight), _vec(bias), float(eps), res, residual3 is not None, y3,
-                   mean, m2)
+    _fused_forward(x3, _vec(weight), _vec(bias), float(eps), *given(residual3, x3), y3, mean, m2)
     return y3, mean, m2
 
 
@@ -236,9 +208,8 @@ def fused_backward_relu(
         return None
     channels = x3.shape[1]
     dx3 = np.empty_like(x3)
-    dz3 = np.empty_like(dy3) if want_dz else dx3
+    dz3 = np.empty_like(dy3) if want_dz else dx3  # dx3 stands in, never written
     s1, s2 = np.empty(channels), np.empty(channels)
-    y, has_y = _mask_source(y3, x3)
-    _fused_backward(dy3, x3, y, has_y, _vec(mean), _vec(rstd), _vec(weight), _vec(bias),
+    _fused_backward(dy3, x3, *given(y3, x3), _vec(mean), _vec(rstd), _vec(weight), _vec(bias),
                     count, want_dz, dx3, dz3, s1, s2)
     return dx3, (dz3 if want_dz else None), s1, s2

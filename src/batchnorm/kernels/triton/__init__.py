@@ -11,9 +11,9 @@ device (no host sync):
   ``_finalize_kernel`` (merges the splits, updates the running buffers, writes mean and rstd),
   ``_normalize_kernel`` (``y = (x - mean) * scale + shift``, programs in reverse order so that
   it starts on the tiles the statistics pass read last, still in L2);
-- backward: ``_grad_sums_kernel`` (per split ``sum(dy)``, ``sum(dy * (x - mean))``),
+- backward: ``_grad_kernel`` (per split ``sum(dy)``, ``sum(dy * (x - mean))``),
   ``_grad_coef_kernel`` (a, b, c of :func:`batchnorm.math.grad_coefficients`, parameter
-  gradients), ``_grad_input_kernel`` (``dx = a * dy + b * (x - mean) + c``).
+  gradients), ``_grad_kernel`` again (``dx = a * dy + b * (x - mean) + c``).
 """
 
 from __future__ import annotations
@@ -59,8 +59,35 @@ def _f32(x3: torch.Tensor, *shape: int) -> torch.Tensor:
     return torch.empty(*shape, dtype=torch.float32, device=x3.device)
 
 
-def _like(x3: torch.Tensor) -> torch.Tensor:
+def _out(x3: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``out``, or a new tensor with x3's shape, strides and dtype."""
+    if out is not None:
+        return out
     return torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device)
+
+
+def _normalize_pass(x3: torch.Tensor, y3: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                    weight: torch.Tensor | None, shift: torch.Tensor | None, p: Plan) -> None:
+    """``y = (x - mean) * scale [* weight] [+ shift]`` into y3 (absent vectors: ``mean`` is
+    passed, never read)."""
+    jit._normalize_kernel[p.grid](
+        x3, y3, mean, scale, mean if weight is None else weight, mean if shift is None else shift,
+        x3.shape[1], *p.extent, *x3.stride(), p.o_per, p.i_per, p.split_i,
+        HAS_W=weight is not None, HAS_B=shift is not None, **_blocks(p),
+    )  # fmt: skip
+
+
+def _grad_pass(dy3: torch.Tensor, x3: torch.Tensor, mean: torch.Tensor, p: Plan,
+               sums: torch.Tensor | None = None, coef: torch.Tensor | None = None,
+               dx3: torch.Tensor | None = None) -> None:
+    """The per-split grad sums into ``sums`` (2, splits, C), or, given ``dx3``, dx from ``coef``
+    (3, C): one launch of ``jit._grad_kernel`` (what a pass does not use gets ``mean``)."""
+    s0, s1 = (mean, mean) if sums is None else sums
+    jit._grad_kernel[p.grid](
+        dy3, x3, mean, s0, s1, mean if coef is None else coef, mean if dx3 is None else dx3,
+        x3.shape[1], *p.extent, *x3.stride(), *dy3.stride(), p.o_per, p.i_per, p.split_i,
+        DX_PASS=dx3 is not None, **_blocks(p),
+    )  # fmt: skip
 
 
 # --- the passes of batchnorm.kernels.Kernels ------------------------------------------------
@@ -117,22 +144,14 @@ def normalize(
     programs: int | None = None,
 ) -> torch.Tensor:
     """``y = (x - mean) * scale + shift`` in x's dtype, into ``out`` (a view like x3)."""
-    p = _plan(x3, programs)
-    y3 = _like(x3) if out is None else out
-    jit._normalize_kernel[p.grid](
-        x3, y3, mean, scale, mean, mean if shift is None else shift, x3.shape[1], *p.extent,
-        *x3.stride(), p.o_per, p.i_per, p.split_i,
-        HAS_W=False, HAS_B=shift is not None, **_blocks(p),
-    )  # fmt: skip
+    y3 = _out(x3, out)
+    _normalize_pass(x3, y3, mean, scale, None, shift, _plan(x3, programs))
     return y3
 
 
 def _grad_partials(dy3: torch.Tensor, x3: torch.Tensor, mean: torch.Tensor, p: Plan) -> Any:
     partial = _f32(x3, 2, p.splits, x3.shape[1])
-    jit._grad_sums_kernel[p.grid](
-        dy3, x3, mean, partial[0], partial[1], x3.shape[1], *p.extent, *x3.stride(),
-        *dy3.stride(), p.o_per, p.i_per, p.split_i, **_blocks(p),
-    )  # fmt: skip
+    _grad_pass(dy3, x3, mean, p, sums=partial)
     return partial
 
 
@@ -176,13 +195,9 @@ def grad_input(
     programs: int | None = None,
 ) -> torch.Tensor:
     """``dx = a * dy + b * (x - mean) + c`` in x's dtype, into ``out`` (a view like x3)."""
-    p = _plan(x3, programs)
-    dx3 = _like(x3) if out is None else out
+    dx3 = _out(x3, out)
     coef = torch.stack((a, b, c)).to(torch.float32)
-    jit._grad_input_kernel[p.grid](
-        dy3, x3, mean, coef, dx3, x3.shape[1], *p.extent, *x3.stride(), *dy3.stride(),
-        p.o_per, p.i_per, p.split_i, **_blocks(p),
-    )  # fmt: skip
+    _grad_pass(dy3, x3, mean, _plan(x3, programs), coef=coef, dx3=dx3)
     return dx3
 
 
@@ -214,12 +229,8 @@ def forward(
     else:
         partial = _f32(x3, 3, 1, x3.shape[1])  # not read in eval
     mean, rstd, _ = finalize(partial, running_mean, running_var, p.count, momentum, eps, training)
-    y3 = _like(x3) if out is None else out
-    jit._normalize_kernel[p.grid](
-        x3, y3, mean, rstd, mean if weight is None else weight, mean if bias is None else bias,
-        x3.shape[1], *p.extent, *x3.stride(), p.o_per, p.i_per, p.split_i,
-        HAS_W=weight is not None, HAS_B=bias is not None, **_blocks(p),
-    )  # fmt: skip
+    y3 = _out(x3, out)
+    _normalize_pass(x3, y3, mean, rstd, weight, bias, p)
     return y3, mean, rstd
 
 
@@ -248,9 +259,6 @@ def backward(
     coef, dweight, dbias = coefficients(sums, rstd, weight, p.count, batch_stats)
     dx3 = None
     if need_input:
-        dx3 = _like(x3) if out is None else out
-        jit._grad_input_kernel[p.grid](
-            dy3, x3, mean, coef, dx3, x3.shape[1], *p.extent, *x3.stride(), *dy3.stride(),
-            p.o_per, p.i_per, p.split_i, **_blocks(p),
-        )  # fmt: skip
+        dx3 = _out(x3, out)
+        _grad_pass(dy3, x3, mean, p, coef=coef, dx3=dx3)
     return dx3, dweight, dbias

@@ -62,6 +62,13 @@ def _program(C, OUTER, INNER, O_PER, I_PER, SPLIT_I, BLOCK_C: tl.constexpr,
 
 
 @triton.jit
+def _split_rows(s0, SPLITS, c, cmask, C, BLOCK_S: tl.constexpr):
+    """Offsets and mask of rows s0 .. s0 + BLOCK_S of a (splits, C) table, channels c."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    return s[:, None] * C + c[None, :], (s < SPLITS)[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _stats_kernel(
     X, P_COUNT, P_MEAN, P_M2,
     C, OUTER, INNER, SO, SC, SI, O_PER, I_PER, SPLIT_I,
@@ -106,17 +113,13 @@ def _finalize_kernel(
     if TRAINING:  # batchnorm.math.merge_all of the splits' summaries: mean first, then m2
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for s0 in range(0, SPLITS, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            m = (s < SPLITS)[:, None] & cmask[None, :]
-            offs = s[:, None] * C + c[None, :]
+            offs, m = _split_rows(s0, SPLITS, c, cmask, C, BLOCK_S)
             n = tl.load(P_COUNT + offs, mask=m, other=0.0)
             acc += tl.sum(n * tl.load(P_MEAN + offs, mask=m, other=0.0), axis=0)
         mean = acc / total
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
         for s0 in range(0, SPLITS, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            m = (s < SPLITS)[:, None] & cmask[None, :]
-            offs = s[:, None] * C + c[None, :]
+            offs, m = _split_rows(s0, SPLITS, c, cmask, C, BLOCK_S)
             n = tl.load(P_COUNT + offs, mask=m, other=0.0)
             d = tl.load(P_MEAN + offs, mask=m, other=0.0) - mean[None, :]
             m2 += tl.sum(tl.load(P_M2 + offs, mask=m, other=0.0) + n * d * d, axis=0)
@@ -168,29 +171,6 @@ def _normalize_kernel(
 
 
 @triton.jit
-def _grad_sums_kernel(
-    DY, X, MEAN, P_SDY, P_SDYX,
-    C, OUTER, INNER, SO, SC, SI, DSO, DSC, DSI, O_PER, I_PER, SPLIT_I,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
-):  # fmt: skip
-    pid_c, pid_s, o_lo, i_lo, o_hi, i_hi, cv, cmask = _program(
-        C, OUTER, INNER, O_PER, I_PER, SPLIT_I, BLOCK_C, False
-    )
-    mean = tl.load(MEAN + cv, mask=cmask, other=0.0)[None, :, None]
-    sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sum_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for o0 in range(o_lo, o_hi, BLOCK_O):
-        for i0 in range(i_lo, i_hi, BLOCK_I):
-            o, c, i, mask = _tile(pid_c, o0, i0, o_hi, i_hi, C, BLOCK_O, BLOCK_C, BLOCK_I)
-            x = tl.load(X + o * SO + c * SC + i * SI, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + o * DSO + c * DSC + i * DSI, mask=mask, other=0.0).to(tl.float32)
-            sum_dy += tl.sum(tl.sum(dy, axis=2), axis=0)
-            sum_dy_xmu += tl.sum(tl.sum(tl.where(mask, dy * (x - mean), 0.0), axis=2), axis=0)
-    tl.store(P_SDY + pid_s * C + cv, sum_dy, mask=cmask)
-    tl.store(P_SDYX + pid_s * C + cv, sum_dy_xmu, mask=cmask)
-
-
-@triton.jit
 def _grad_coef_kernel(
     P_SDY, P_SDYX, RSTD, W, COEF, DW, DB,
     C, SPLITS, count,
@@ -201,9 +181,7 @@ def _grad_coef_kernel(
     sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(0, SPLITS, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        m = (s < SPLITS)[:, None] & cmask[None, :]
-        offs = s[:, None] * C + c[None, :]
+        offs, m = _split_rows(s0, SPLITS, c, cmask, C, BLOCK_S)
         sum_dy += tl.sum(tl.load(P_SDY + offs, mask=m, other=0.0), axis=0)
         sum_dy_xmu += tl.sum(tl.load(P_SDYX + offs, mask=m, other=0.0), axis=0)
     rstd = tl.load(RSTD + c, mask=cmask, other=0.0)
@@ -226,23 +204,40 @@ def _grad_coef_kernel(
 
 
 @triton.jit
-def _grad_input_kernel(
-    DY, X, MEAN, COEF, DX,
+def _grad_kernel(
+    DY, X, MEAN, P_SDY, P_SDYX, COEF, DX,
     C, OUTER, INNER, SO, SC, SI, DSO, DSC, DSI, O_PER, I_PER, SPLIT_I,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+    DX_PASS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
+    """The two backward passes over the (x, dy) tiles, one compiled for each DX_PASS.
+
+    False: per split ``sum(dy)`` and ``sum(dy * (x - mean))`` into P_SDY, P_SDYX. True:
+    ``dx = a * dy + b * (x - mean) + c`` into DX, a, b, c the rows of COEF; its programs run in
+    reverse order (see _program).
+    """
     pid_c, pid_s, o_lo, i_lo, o_hi, i_hi, cv, cmask = _program(
-        C, OUTER, INNER, O_PER, I_PER, SPLIT_I, BLOCK_C, True
+        C, OUTER, INNER, O_PER, I_PER, SPLIT_I, BLOCK_C, DX_PASS
     )
     mean = tl.load(MEAN + cv, mask=cmask, other=0.0)[None, :, None]
-    a = tl.load(COEF + cv, mask=cmask, other=0.0)[None, :, None]
-    b = tl.load(COEF + C + cv, mask=cmask, other=0.0)[None, :, None]
-    cc = tl.load(COEF + 2 * C + cv, mask=cmask, other=0.0)[None, :, None]
+    if DX_PASS:
+        a = tl.load(COEF + cv, mask=cmask, other=0.0)[None, :, None]
+        b = tl.load(COEF + C + cv, mask=cmask, other=0.0)[None, :, None]
+        cc = tl.load(COEF + 2 * C + cv, mask=cmask, other=0.0)[None, :, None]
+    else:
+        sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sum_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float32)
     for o0 in range(o_lo, o_hi, BLOCK_O):
         for i0 in range(i_lo, i_hi, BLOCK_I):
             o, c, i, mask = _tile(pid_c, o0, i0, o_hi, i_hi, C, BLOCK_O, BLOCK_C, BLOCK_I)
             offs = o * SO + c * SC + i * SI
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + o * DSO + c * DSC + i * DSI, mask=mask, other=0.0).to(tl.float32)
-            dx = a * dy + b * (x - mean) + cc
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if DX_PASS:
+                dx = a * dy + b * (x - mean) + cc
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            else:
+                sum_dy += tl.sum(tl.sum(dy, axis=2), axis=0)
+                sum_dy_xmu += tl.sum(tl.sum(tl.where(mask, dy * (x - mean), 0.0), axis=2), axis=0)
+    if not DX_PASS:
+        tl.store(P_SDY + pid_s * C + cv, sum_dy, mask=cmask)
+        tl.store(P_SDYX + pid_s * C + cv, sum_dy_xmu, mask=cmask)
