@@ -66,11 +66,11 @@ PARALLEL_FLAGS: dict[str, Any] = {**FLAGS, "parallel": True}
 # --- tuning -------------------------------------------------------------------------------
 ROWS_MAX_INNER = 16  # inner below this: rows kernels; else segments kernels
 BLOCK = 4096  # segment elements per two-pass block (a float32 block is 16 KiB: L1)
-# Arrays with fewer elements run as one chunk in the serial build. A parallel region ends
-# when its slowest thread does; on a machine shared with other jobs a thread that lost its
-# core costs a scheduler slice, which dwarfs a sub-millisecond pass (measured on 2 busy
-# cores: (256, 1024) fwd+bwd 0.64-0.90 ms serial vs 1.39-1.42 ms parallel).
-PARALLEL_MIN = 1 << 19
+# Arrays with fewer elements run as one chunk in the serial build: below it a parallel
+# region's launch and its slowest thread cost more than the second thread saves (2-D
+# fwd+bwd, 2 threads, omp layer, quiet machine: serial/parallel 0.7 at 2**15 elements,
+# 0.9 at 2**16, 1.0 at 2**17, 1.3 at 2**18, 1.55 at 2**19).
+PARALLEL_MIN = 1 << 17
 # Fused passes (fused.py) take channels in groups whose rows of x (and dy) fit in
 # FUSE_MAX_BYTES, so that the second pass reads them from cache (L2 is 2 MiB a core here,
 # L3 is large); a group's run per row is about FUSE_RUN_BYTES where that fits. Measured
