@@ -22,9 +22,9 @@ SHAPES = [(9, 3), (4, 3, 70), (3, 4, 9, 10), (2, 3, 2, 5, 8)]
 
 @pytest.fixture(autouse=True)
 def _small_inputs_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchnorm.torch import fused
+    from batchnorm.torch import routing
 
-    monkeypatch.setattr(fused, "MIN_NUMEL", 0)
+    monkeypatch.setattr(routing, "MIN_NUMEL", 0)
 
 
 @pytest.fixture(params=["fused", "per-pass"])

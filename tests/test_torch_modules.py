@@ -282,7 +282,25 @@ def test_small_inputs_go_to_torch_by_default(monkeypatch) -> None:
             x = _channels_last(x)
         assert bt.route(x) == "cpu"
         assert bt.route(x[:-1]) == "torch"
+        assert bt.route(x, training=False) == "torch"  # eval: PyTorch's kernel at every size
     assert routing.min_numel(False, 64) == routing.CPU_MIN_NUMEL[(False, 2)]
+
+
+def test_eval_calls_of_the_module_go_to_torch_by_default(monkeypatch) -> None:
+    monkeypatch.setattr(routing, "MIN_NUMEL", None)
+    calls: list[bool] = []
+
+    def spy(x: torch.Tensor, given: list[torch.Tensor], training: bool) -> str:
+        calls.append(training)
+        return "torch"
+
+    monkeypatch.setattr(routing, "_cpu", spy)
+    layer = bt.BatchNorm2d(4)
+    x = torch.randn(8, 4, 3, 3)
+    layer(x)
+    layer.eval()
+    layer(x)
+    assert calls == [True, False]
 
 
 def test_numba_kernels_run_with_torchs_thread_count(monkeypatch) -> None:

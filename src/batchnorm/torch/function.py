@@ -232,7 +232,7 @@ def batch_norm(
     ``backend`` picks the CPU backend of :mod:`batchnorm.kernels` ("auto", "numpy", "numba").
     """
     momentum = 0.0 if momentum is None else float(momentum)
-    kind = route(input, weight, bias, running_mean, running_var)
+    kind = route(input, weight, bias, running_mean, running_var, training)
     if kind == "torch":
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if training:

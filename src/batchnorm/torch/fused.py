@@ -28,18 +28,16 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import kernels
-from batchnorm.layout import view
+from batchnorm.layout import tensor_channels_last, view
 from batchnorm.math import grad_coefficients, inverse_std
 from batchnorm.torch import modules as ours
+from batchnorm.torch import routing
 from batchnorm.torch.glue import BNFunction, Inputs, Needs, StatsArgs, too_few_values
 from batchnorm.torch.modules import batch_norm_arguments
 
 __all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "bn_relu", "fuse_bn_relu"]
 
 CPU_DTYPES = (torch.float32, torch.float64)
-# smaller CPU inputs go to PyTorch's ops: there the Python around our kernels costs more than
-# the passes (the same threshold as batchnorm.torch.batch_norm's)
-MIN_NUMEL = 1 << 15
 TRITON_ON_CPU = False  # tests: the Triton path for CPU tensors, under TRITON_INTERPRET=1
 # the BN classes the fx pass fuses: PyTorch's and our drop-ins (not SyncBN, renorm, ghost)
 _FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, ours.BatchNorm1d, ours.BatchNorm2d,
@@ -136,14 +134,17 @@ class _BNReLUFunction(BNFunction):
         return dx, dres, dweight, dbias
 
 
-def _ours(x: torch.Tensor, residual: torch.Tensor | None, *params: torch.Tensor | None) -> bool:
-    """CPU float32/float64 tensors of one dtype, dense (contiguous or channels-last), of at
-    least MIN_NUMEL elements."""
+def _ours(x: torch.Tensor, residual: torch.Tensor | None, training: bool,
+          *params: torch.Tensor | None) -> bool:  # fmt: skip
+    """CPU float32/float64 tensors of one dtype, dense (contiguous or channels-last), from
+    the drop-in's measured crossover on (:func:`batchnorm.torch.routing.min_numel`)."""
     if x.device.type != "cpu" or x.dtype not in CPU_DTYPES or x.dim() < 2:
         return False
-    if x.numel() < max(1, MIN_NUMEL):
+    channels_last = tensor_channels_last(x)
+    if channels_last is None:
         return False
-    if not (x.is_contiguous() or x.movedim(1, -1).is_contiguous()):
+    crossover = routing.min_numel(channels_last, torch.get_num_threads(), training)
+    if x.numel() < max(1, crossover):
         return False
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or residual.device != x.device):
@@ -191,7 +192,7 @@ def bn_relu(
         from batchnorm.torch.fused_triton import TritonBNReLU
 
         return TritonBNReLU.apply(x, residual, weight, bias, stats)
-    if _ours(x, residual, weight, bias, running_mean, running_var):
+    if _ours(x, residual, training, weight, bias, running_mean, running_var):
         return _BNReLUFunction.apply(x, residual, weight, bias, stats, kernels.resolve(backend))
     z = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return torch.relu(z if residual is None else z + residual)

@@ -10,8 +10,8 @@ ONNX export, ``torch.compile``, ``torch.export``, an   graph records ``batch_nor
 fx ``Proxy``), or a tensor subclass / mode that        right on new inputs
 overrides ``batch_norm``
 CPU, float32/float64, dense (contiguous or             ``"cpu"``: our kernels through
-channels-last), parameters of x's dtype, at least      :mod:`batchnorm.functional`
-:func:`min_numel` elements
+channels-last), parameters of x's dtype, training,     :mod:`batchnorm.functional`
+at least :func:`min_numel` elements
 CUDA (or CPU with ``TRITON_ON_CPU``), float32/16,      ``"triton"``: :mod:`batchnorm.kernels.triton`
 bfloat16, dense, under 2**31 elements, Triton present
 anything else                                          ``"torch"``
@@ -33,19 +33,23 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tests set this to run the Triton path on CPU tensors under TRITON_INTERPRET=1.
 TRITON_ON_CPU = False
 # Below the crossover PyTorch's CPU kernel is faster: the Python around ours (validation, NumPy
-# views, the autograd Function) costs more than the pass. Elements of x, by (channels_last,
-# threads), for a float32 training step (forward + backward) with 64 channels, measured by
-# benchmarks/crossover.py (benchmarks/results/crossover.json, 2**11 to 2**22 elements, quiet
-# machine); where ours never won in that range the table says 2**22 (at 2**22 ours was within
-# 0.8-0.9x, and at (32, 64, 56, 56) the drop-in bench has ours 1.5-1.7x faster). More threads
-# use the largest entry.
+# views, the autograd Function, about 0.1 ms a training step) costs more than the pass saves.
+# Elements of x, by (channels_last, threads), for a float32 training step (forward +
+# backward) with 64 channels, measured by benchmarks/crossover.py
+# (benchmarks/results/crossover.json, 2**11 to 2**22 elements, quiet machine, numba on the
+# omp layer); where ours never won in that range the table says 2**22 (one thread,
+# channels-last: 0.98x there). More threads use the largest entry.
 CPU_MIN_NUMEL: dict[tuple[bool, int], int] = {
-    (False, 1): 262_144,
+    (False, 1): 524_288,
     (True, 1): 4_194_304,
-    (False, 2): 4_194_304,
+    (False, 2): 524_288,
     (True, 2): 4_194_304,
 }
-# Tests set this to take every CPU size (None: the table above).
+# Eval forwards (batch_norm with training=False) stay with PyTorch at every size: at the
+# drop-in level its eval kernel was as fast as ours or faster on every bench case
+# (benchmarks/results/bench-dropin.json: torch/ours 0.62-0.98), the pass being one read and
+# one write that both do at memory speed, and ours paying the Python around it.
+# Tests set this to take every CPU size, training or not (None: the rules above).
 MIN_NUMEL: int | None = None
 
 _triton_ok: bool | None = None
@@ -66,10 +70,12 @@ def triton_available() -> bool:
 _threads = torch.get_num_threads
 
 
-def min_numel(channels_last: bool, threads: int) -> int:
+def min_numel(channels_last: bool, threads: int, training: bool = True) -> int:
     """The CPU crossover: from this many elements on our kernels are faster."""
     if MIN_NUMEL is not None:
         return MIN_NUMEL
+    if not training:
+        return 2**63
     known = [t for cl, t in CPU_MIN_NUMEL if cl == channels_last]
     return CPU_MIN_NUMEL[(channels_last, min(threads, max(known)))]
 
@@ -92,13 +98,15 @@ def route(
     bias: torch.Tensor | None = None,
     running_mean: torch.Tensor | None = None,
     running_var: torch.Tensor | None = None,
+    training: bool = True,
 ) -> str:
-    """Which implementation takes these tensors: ``"cpu"``, ``"triton"`` or ``"torch"``."""
+    """Which implementation takes these tensors (a training call unless ``training`` is
+    False): ``"cpu"``, ``"triton"`` or ``"torch"``."""
     given = [t for t in (weight, bias, running_mean, running_var) if t is not None]
     if traced(x, *given) or x.dim() < 2 or x.layout != torch.strided:
         return "torch"
     if x.is_cpu and not TRITON_ON_CPU:  # the common case, in few tensor calls (each ~1 us)
-        return _cpu(x, given)
+        return _cpu(x, given, training)
     channels_last = tensor_channels_last(x)
     if channels_last is None or x.numel() == 0:
         return "torch"
@@ -107,7 +115,7 @@ def route(
         if t.device != x.device or t.shape != (channels,) or t.stride() != (1,):
             return "torch"
     if x.is_cpu and x.dtype not in GPU_DTYPES:  # TRITON_ON_CPU, a dtype Triton does not take
-        return _cpu(x, given)
+        return _cpu(x, given, training)
     if (not x.is_cpu and x.device.type != "cuda") or x.dtype not in GPU_DTYPES:
         return "torch"
     if any(t.dtype not in (x.dtype, torch.float32) for t in given) or x.numel() >= 2**31:
@@ -115,12 +123,12 @@ def route(
     return "triton" if triton_available() else "torch"
 
 
-def _cpu(x: torch.Tensor, given: list[torch.Tensor]) -> str:
+def _cpu(x: torch.Tensor, given: list[torch.Tensor], training: bool) -> str:
     dtype = x.dtype
     if dtype not in CPU_DTYPES:
         return "torch"
     channels_last = tensor_channels_last(x)
-    if channels_last is None or x.numel() < max(1, min_numel(channels_last, _threads())):
+    if channels_last is None or x.numel() < max(1, min_numel(channels_last, _threads(), training)):
         return "torch"
     channels = x.shape[1]
     for t in given:
