@@ -100,7 +100,7 @@ def test_serial_and_parallel_builds_keep_separate_entries() -> None:
     """numba keys entries by name and bytecode, not flags: one name would mix the builds."""
     from batchnorm.kernels.numba import fused, rows, segments
 
-    for kernel in (rows.stats, rows.normalize, segments.grad_sums, fused.forward):
+    for kernel in (rows.stats, rows.normalize, segments.grad_sums, fused.forward[True]):
         serial = kernel.serial._cache._cache_file._index_path
         parallel = kernel.parallel._cache._cache_file._index_path
         assert serial != parallel

@@ -1,7 +1,7 @@
 """Training passes in one compiled call each: statistics, the per-channel arithmetic, output.
 
-:data:`forward` and :data:`backward` take either layout (``group`` 0: rows; see
-:func:`.plan.fused`) and finish with the per-channel arithmetic
+:data:`forward` and :data:`backward` hold a kernel per layout (:func:`training_passes`;
+:func:`.plan.fused` decides) and finish with the per-channel arithmetic
 (:func:`.ops.batch_coefficients`, :func:`batchnorm.math.grad_coefficients`), so a training
 pass costs one dispatch.
 
@@ -165,46 +165,54 @@ def _rows_backward(
         rows.grad_input_chunk(x, dy, mean_w, aw, bw, cw, dx, outer, t, chunks)
 
 
-def _forward(
-    x: Any, weight: Any, bias: Any, eps: float, running_mean: Any, running_var: Any,
-    momentum: float, y: Any, mean: Any, m2: Any, rstd: Any, outer: int, channels: int,
-    inner: int, group: int, block: int, chunks: int,
-) -> bool:  # fmt: skip
-    """The training forward of either layout (``group`` 0: rows; else channel groups of
-    segments, reduced in two-pass blocks of ``block`` values). Returns whether the running
-    statistics were updated (every mean finite)."""
-    scale = np.empty(channels)
-    shift = np.empty(channels)
-    if group == 0:
-        _rows_forward(x, y, mean, m2, scale, shift, outer, channels, inner, chunks)
-    else:  # normalizes as it goes, each group from cache
-        _segments_forward(x, weight, bias, eps, y, mean, m2, outer, channels, inner, group,
-                          block, chunks)  # fmt: skip
-    ok = ops.batch_coefficients(
-        mean, m2, float(outer * inner), eps, weight, bias, running_mean, running_var, momentum,
-        rstd, scale, shift,
-    )  # fmt: skip
-    if group == 0:
-        m = np.repeat(mean, inner)
-        s = np.repeat(scale, inner)
-        b = np.repeat(shift, inner)
-        for t in prange(chunks):
-            rows.normalize_chunk(x, x, m, s, b, b, y, outer, t, chunks)
-    return ok
+def training_passes(rows_layout: bool) -> tuple[Kernel, Kernel]:
+    """The (forward, backward) kernels of one layout: rows, or channel groups of segments.
+
+    One template for both layouts, with ``rows_layout`` a compile-time constant (numba
+    prunes the other branch before compiling), so a call compiles only its own layout.
+    """
+
+    def forward(
+        x: Any, weight: Any, bias: Any, eps: float, running_mean: Any, running_var: Any,
+        momentum: float, y: Any, mean: Any, m2: Any, rstd: Any, outer: int, channels: int,
+        inner: int, group: int, block: int, chunks: int,
+    ) -> bool:  # fmt: skip
+        # segments: channel groups of ``group``, two-pass blocks of ``block`` values.
+        # Returns whether the running statistics were updated (every mean finite).
+        scale = np.empty(channels)
+        shift = np.empty(channels)
+        if rows_layout:
+            _rows_forward(x, y, mean, m2, scale, shift, outer, channels, inner, chunks)
+        else:  # normalizes as it goes, each group from cache
+            _segments_forward(x, weight, bias, eps, y, mean, m2, outer, channels, inner,
+                              group, block, chunks)  # fmt: skip
+        ok = ops.batch_coefficients(
+            mean, m2, float(outer * inner), eps, weight, bias, running_mean, running_var,
+            momentum, rstd, scale, shift,
+        )  # fmt: skip
+        if rows_layout:
+            m = np.repeat(mean, inner)
+            s = np.repeat(scale, inner)
+            b = np.repeat(shift, inner)
+            for t in prange(chunks):
+                rows.normalize_chunk(x, x, m, s, b, b, y, outer, t, chunks)
+        return ok
+
+    def backward(
+        dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any,
+        sum_dy_xmu: Any, count: float, outer: int, channels: int, inner: int, group: int,
+        chunks: int,
+    ) -> None:  # fmt: skip
+        if rows_layout:
+            _rows_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, count, outer,
+                           channels, inner, chunks)  # fmt: skip
+        else:
+            _segments_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, count,
+                               outer, channels, inner, group, chunks)  # fmt: skip
+
+    return Kernel(forward), Kernel(backward)
 
 
-def _backward(
-    dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any, sum_dy_xmu: Any,
-    count: float, outer: int, channels: int, inner: int, group: int, chunks: int,
-) -> None:  # fmt: skip
-    """The training backward of either layout (``group`` 0: rows)."""
-    if group == 0:
-        _rows_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, count, outer,
-                       channels, inner, chunks)  # fmt: skip
-    else:
-        _segments_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, count, outer,
-                           channels, inner, group, chunks)  # fmt: skip
-
-
-forward = Kernel(_forward)
-backward = Kernel(_backward)
+_ROWS, _SEGMENTS = training_passes(True), training_passes(False)
+forward = {True: _ROWS[0], False: _SEGMENTS[0]}  # by layout: True for rows
+backward = {True: _ROWS[1], False: _SEGMENTS[1]}
