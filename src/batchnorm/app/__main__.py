@@ -1,5 +1,5 @@
 import sys
 
-from batchnorm.app.cli import main
+from batchnorm.app.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -7,6 +7,7 @@ A subcommand module has ``configure(parser)`` (adds its options) and ``run(args)
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from types import ModuleType
 
@@ -55,5 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The console script and ``python -m batchnorm.app``: :func:`main`; then a Ctrl-C that
+    lands while the interpreter shuts down (the work done and saved) is ignored, so that the
+    exit status stays main's instead of death by SIGINT."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
