@@ -49,11 +49,12 @@ def time_case(shape: tuple[int, ...], repeats: int) -> str:
         fn()
     times: dict[str, list[float]] = {"torch": [], "ours": []}
     spin: dict[str, list[float]] = {"torch": [], "ours": []}
-    for _ in range(repeats):
+    for _ in range(repeats):  # timed rounds back to back, as in a training loop
         for name, fn in steps:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+    for _ in range(repeats):  # then the spinning, apart (a sleep lets the pool doze off)
         for name, fn in steps:
             fn()
             c0 = time.process_time()
