@@ -346,3 +346,44 @@ def test_threading_layer_is_omp_unless_the_user_chose(chosen: str | None) -> Non
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == (chosen or "omp")
+
+
+FORK_CHILD = """
+import multiprocessing as mp
+import numpy as np
+import batchnorm.kernels.numba as nb
+from batchnorm.kernels.numba import config, relu
+
+config.CHUNKS = 2
+x = np.random.default_rng(0).standard_normal((64, 3, 40)).astype(np.float32)
+parent = nb.channel_stats(x)  # parallel regions in the parent first
+relu.normalize_relu(x, parent[0], np.ones(3), np.zeros(3), None)
+
+
+def child(_):
+    mean, m2 = nb.channel_stats(x)
+    y = relu.normalize_relu(x, mean, np.ones(3), np.zeros(3), None)
+    return mean.tolist(), m2.tolist(), float(y.sum()), config.chunks(x.size, 64)
+
+
+if __name__ == "__main__":
+    with mp.get_context("fork").Pool(1) as pool:
+        mean, m2, total, chunks = pool.map_async(child, [0]).get(timeout=60)[0]
+    assert np.allclose(mean, parent[0], rtol=1e-12) and np.allclose(m2, parent[1], rtol=1e-12)
+    assert chunks == 1  # serial builds in the child
+    print("child ok", total > 0)
+"""
+
+
+def test_a_forked_child_runs_the_kernels_serially_instead_of_dying(tmp_path) -> None:
+    """GNU OpenMP cannot run parallel regions in a child forked from a process that ran
+    them (numba's omp layer terminates such a child): our kernels go serial there."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_child.py"
+    script.write_text(FORK_CHILD)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "child ok True" in out.stdout

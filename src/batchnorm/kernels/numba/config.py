@@ -43,6 +43,22 @@ _POOL: list[Any] = []  # the launch guard, once numba's thread pool is started
 _STARTING = threading.Lock()
 
 
+class _Fork:
+    """``child``: this process was forked from one that may have run OpenMP parallel regions
+    (ours or PyTorch's, on the one libgomp). GNU OpenMP cannot run one in such a child (numba
+    terminates it), so a forked child runs the serial builds, as PyTorch runs its forked
+    workers single-threaded."""
+
+    child = False
+
+
+def _forked() -> None:
+    _Fork.child = True
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _launch_guard() -> Any:
     """What a parallel launch holds: a lock under workqueue (not re-entrant), else nothing.
     The first call starts numba's pool (a build loaded from the cache does not)."""
@@ -122,7 +138,23 @@ class Kernel:
         self.parallel = cached(njit(**PARALLEL_FLAGS)(twin))
 
     def __call__(self, *args: Any) -> Any:
-        if args[self.chunks_at] == 1:
+        if args[self.chunks_at] == 1 or _Fork.child:
+            return self.serial(*args)
+        with _launch_guard():
+            return self.parallel(*args)
+
+
+class Parallel:
+    """A kernel whose prange loops need no chunk count: compiled as parallel code, and as
+    serial code for forked children (see :class:`_Fork`). Not kept in the on-disk cache."""
+
+    def __init__(self, fn: Any) -> None:
+        self.__name__ = fn.__name__
+        self.parallel = njit(**PARALLEL_FLAGS)(fn)
+        self.serial = njit(**FLAGS)(fn)
+
+    def __call__(self, *args: Any) -> Any:
+        if _Fork.child:
             return self.serial(*args)
         with _launch_guard():
             return self.parallel(*args)
@@ -141,6 +173,8 @@ def set_threads(n: int) -> int:
 
 def chunks(size: int, units: int) -> int:
     """How many chunks to split ``units`` work units (rows or segments) of ``size`` values."""
+    if _Fork.child:
+        return 1
     if CHUNKS is not None:
         return max(1, min(CHUNKS, units))
     if size < PARALLEL_MIN:

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from batchnorm.kernels.numba.config import FLAGS, PARALLEL_FLAGS
+from batchnorm.kernels.numba.config import FLAGS, Parallel
 from batchnorm.kernels.numba.config import grad_coefficients as _grad_coefficients
 from batchnorm.kernels.numba.config import inverse_std as _inverse_std
 from batchnorm.kernels.relu import Backward, ReLUPasses, given
@@ -74,7 +74,7 @@ def _segment_dx(dy: Any, x: Any, y: Any, has_y: bool, o: int, c: int, m: float, 
 
 
 # --- per-pass kernels: threads split the outer rows -------------------------------------------
-@njit(**PARALLEL_FLAGS)
+@Parallel
 def _normalize_relu(x: Any, mean: Any, scale: Any, shift: Any, res: Any, has_res: bool,
                     y: Any) -> None:
     for o in prange(x.shape[0]):
@@ -82,7 +82,7 @@ def _normalize_relu(x: Any, mean: Any, scale: Any, shift: Any, res: Any, has_res
             _segment_relu(x, res, has_res, o, c, mean[c], scale[c], shift[c], y)
 
 
-@njit(**PARALLEL_FLAGS)
+@Parallel
 def _relu_grad_sums(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any, shift: Any,
                     chunks: int) -> Any:
     outer, channels = x.shape[0], x.shape[1]
@@ -98,7 +98,7 @@ def _relu_grad_sums(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any,
     return s1.sum(axis=0), s2.sum(axis=0)
 
 
-@njit(**PARALLEL_FLAGS)
+@Parallel
 def _relu_grad_input(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any, shift: Any,
                      a: Any, b: Any, c: Any, want_dz: bool, dx: Any, dz: Any) -> None:
     for o in prange(x.shape[0]):
@@ -108,7 +108,7 @@ def _relu_grad_input(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any
 
 
 # --- fused training passes: threads take whole channels ---------------------------------------
-@njit(**PARALLEL_FLAGS)
+@Parallel
 def _fused_forward(x: Any, weight: Any, bias: Any, eps: float, res: Any, has_res: bool,
                    y: Any, mean: Any, m2: Any) -> None:
     outer, channels, inner = x.shape
@@ -130,7 +130,7 @@ def _fused_forward(x: Any, weight: Any, bias: Any, eps: float, res: Any, has_res
             _segment_relu(x, res, has_res, o, c, m, s, bias[c], y)
 
 
-@njit(**PARALLEL_FLAGS)
+@Parallel
 def _fused_backward(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, rstd: Any, weight: Any,
                     bias: Any, count: int, want_dz: bool, dx: Any, dz: Any, s1: Any,
                     s2: Any) -> None:
