@@ -8,6 +8,7 @@ so the parallel path is checked in float32 only: its kernel bodies are the seria
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -387,3 +388,58 @@ def test_a_forked_child_runs_the_kernels_serially_instead_of_dying(tmp_path) -> 
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert "child ok True" in out.stdout
+
+
+SHARED_POOL_CHILD = """
+import os, time
+import numpy as np
+import torch  # PyTorch's libgomp first, as in a training script
+
+import batchnorm.kernels.numba as nb
+from batchnorm.kernels.numba import config
+
+torch.set_num_threads(2)
+config.CHUNKS = 2
+t = torch.randn(1024, 512)
+x = np.ones((40960, 3, 1))
+main = str(os.getpid())
+
+
+def cpu_ns():
+    return {tid: int(open(f"/proc/self/task/{tid}/schedstat").read().split()[0])
+            for tid in os.listdir("/proc/self/task")}
+
+
+def workers_during(fn):
+    time.sleep(0.1)  # past the previous region's spin
+    before = cpu_ns()
+    for _ in range(20):
+        fn()
+    after = cpu_ns()
+    return {k for k in after if k != main and after[k] - before.get(k, 0) > 100_000}
+
+
+for _ in range(3):
+    torch.nn.functional.batch_norm(t, None, None, training=True)
+    nb.channel_stats(x)
+theirs = workers_during(lambda: torch.nn.functional.batch_norm(t, None, None, training=True))
+ours = workers_during(lambda: nb.channel_stats(x))
+print(sorted(theirs), sorted(ours))
+assert ours and ours <= theirs, (theirs, ours)
+print("shared")
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_our_parallel_regions_run_on_pytorchs_openmp_threads() -> None:
+    """The omp layer binds to the libgomp PyTorch loaded: the worker threads that run our
+    parallel kernels are PyTorch's own (a second pool would show a thread of its own)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", SHARED_POOL_CHILD], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "shared" in out.stdout
