@@ -62,3 +62,4 @@ def test_info_shows_the_kernel_cache(capsys):
     out = capsys.readouterr().out
     assert "compiled-kernel cache:" in out
     assert str(kernels.cache_info()["directory"]) in out
+    assert "threading layer " in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import platform
 
 
@@ -21,10 +22,19 @@ def run(args: argparse.Namespace) -> int:
     for name in ("numpy", "numba", "torch", "triton", "mpi4py", "matplotlib", "rich"):
         try:
             module = importlib.import_module(name)
-            print(f"  {name:<11} {getattr(module, '__version__', '?')}")
         except ImportError:
             print(f"  {name:<11} not installed")
+            continue
+        version = getattr(module, "__version__", None) or importlib.metadata.version(name)
+        print(f"  {name:<11} {version}")
     print(f"backends installed: {', '.join(backends.available())}; auto -> {backends.resolve()}")
+    if "numba" in backends.available():
+        import numba
+
+        threads = numba.get_num_threads()  # starts numba's pool: its layer is known from then
+        layer = numba.threading_layer()
+        shared = " (the OpenMP runtime PyTorch loads: one thread pool for both)"
+        print(f"numba threads: {threads}, threading layer {layer}{shared if layer == 'omp' else ''}")
     if args.warm_up:
         print("warming up the kernels (about a minute the first time on a machine)...")
     cache = backends.warm_up() if args.warm_up else backends.cache_info()
