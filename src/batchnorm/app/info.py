@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         threads = numba.get_num_threads()  # starts numba's pool: its layer is known from then
         layer = numba.threading_layer()
         shared = " (the OpenMP runtime PyTorch loads: one thread pool for both)"
-        print(f"numba threads: {threads}, threading layer {layer}{shared if layer == 'omp' else ''}")
+        note = shared if layer == "omp" else ""
+        print(f"numba threads: {threads}, threading layer {layer}{note}")
     if args.warm_up:
         print("warming up the kernels (about a minute the first time on a machine)...")
     cache = backends.warm_up() if args.warm_up else backends.cache_info()
