@@ -1,8 +1,8 @@
 """End to end on CPU: a training step of native models against the same models converted.
 
 A small conv net (two Conv-BN-ReLU, batch 32 at 32x32) and ResNet-18 (written out here:
-torchvision does not install beside this torch build; batch 16 at 64x64), each in NCHW and
-channels_last. Native and converted (``batchnorm.torch.convert_model`` on a copy, same
+torchvision does not install beside this torch build; batch 16 at 64x64, and with ``--nets``
+at 224x224), each in NCHW and channels_last. Native and converted (``batchnorm.torch.convert_model`` on a copy, same
 weights) alternate step by step (zero_grad, forward, cross-entropy, backward, SGD step)
 after warm-up; medians. The default environment: no OpenMP variable is set, PyTorch's own
 thread count.
@@ -61,7 +61,8 @@ def small_net(classes: int = 10) -> nn.Module:
     )  # fmt: skip
 
 
-NETS = {"small conv net": (small_net, (32, 3, 32, 32)), "ResNet-18": (resnet18, (16, 3, 64, 64))}
+NETS = {"small conv net": (small_net, (32, 3, 32, 32)), "ResNet-18": (resnet18, (16, 3, 64, 64)),
+        "ResNet-18 224x224": (resnet18, (16, 3, 224, 224))}
 
 
 def measure(name: str, layout: str, rounds: int) -> dict[str, float]:
@@ -97,10 +98,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS)[:2],
+                        help="default: the two small ones (ResNet-18 at 224x224 takes minutes)")
     args = parser.parse_args()
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median ms per step")
-    for name in NETS:
+    for name in args.nets:
         for layout in ("contiguous", "channels_last"):
             ms = measure(name, layout, args.rounds)
             ratio = ms["native"] / ms["converted"]
