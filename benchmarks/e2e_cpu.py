@@ -4,8 +4,8 @@ A small conv net (two Conv-BN-ReLU, batch 32 at 32x32) and ResNet-18 (written ou
 torchvision does not install beside this torch build; batch 16 at 64x64, and with ``--nets``
 at 224x224), each in NCHW and channels_last. Native and converted
 (``batchnorm.torch.convert_model`` on a copy, same weights) alternate step by step
-(zero_grad, forward, cross-entropy, backward, SGD step) after warm-up; medians. The default environment: no OpenMP variable is set, PyTorch's own
-thread count.
+(zero_grad, forward, cross-entropy, backward, SGD step) after warm-up; medians. The
+default environment: no OpenMP variable is set, PyTorch's own thread count.
 
     .venv/bin/python benchmarks/e2e_cpu.py [--rounds 10] [--nets NAME ...] [--json PATH]
 """
