@@ -70,6 +70,7 @@ def _launch_guard() -> Any:
                 _POOL.append(threading.Lock() if workqueue else contextlib.nullcontext())
     return _POOL[0]
 
+
 FASTMATH = {"reassoc", "contract", "nsz"}  # never nnan/ninf: NaN must propagate
 FLAGS: dict[str, Any] = {
     "nogil": True,
