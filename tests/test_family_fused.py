@@ -191,3 +191,14 @@ def test_kernel_modules_agree(rng):
                 for a, b in zip((*sums, dx, dz), (*expected[0], expected[1], expected[2]),
                                 strict=True):
                     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_bn_relu_follows_the_drop_ins_routing_table(monkeypatch):
+    from batchnorm.torch import fused, routing
+
+    monkeypatch.setattr(routing, "MIN_NUMEL", None)  # the measured table
+    crossover = routing.min_numel(False, torch.get_num_threads())
+    x = torch.empty(crossover // 64, 64, 1, 1)
+    assert fused._ours(x, None, True)
+    assert not fused._ours(x[:-1], None, True)  # below the crossover: PyTorch's ops
+    assert not fused._ours(x, None, False)  # eval: PyTorch's ops at every size

@@ -63,3 +63,16 @@ def test_info_shows_the_kernel_cache(capsys):
     assert "compiled-kernel cache:" in out
     assert str(kernels.cache_info()["directory"]) in out
     assert "threading layer " in out
+
+
+def test_entry_ignores_a_ctrl_c_after_the_work_is_done(monkeypatch):
+    """The console script's exit status is main's, not death by a late SIGINT."""
+    import signal
+
+    monkeypatch.setattr(cli, "main", lambda: 7)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert cli.entry() == 7
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -235,7 +235,7 @@ def _wait(procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout: float
             failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
             text = "\n".join(f"--- process {i} (status {codes[i]}):\n{_tail(logs[i])}"
                              for i in failed)
-            for error in sorted(logs[0].parent.glob("rank*.error")):
+            for error in sorted(logs[0].parent.glob("rank*.error")):  # MPI: see _worker
                 text += f"\n--- {error.stem}:\n{_tail(error)}"
             raise LaunchError(f"{what} failed: process(es) {failed} exited with an error\n{text}")
         if all(c == 0 for c in codes):
@@ -286,8 +286,8 @@ def _worker(argv: list[str] | None = None) -> int:
         result = _resolve(args.target)(ctx, payload)
         (args.dir / f"rank{ctx.rank}.json").write_text(json.dumps(result))
     except BaseException:
-        # also to a file: under MPI, Abort can kill mpiexec before it forwards all of stderr
-        (args.dir / f"rank{ctx.rank}.error").write_text(traceback.format_exc())
+        if args.engine == "mpi":  # Abort can kill mpiexec before it forwards all of stderr
+            (args.dir / f"rank{ctx.rank}.error").write_text(traceback.format_exc())
         traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()

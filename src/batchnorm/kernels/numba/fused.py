@@ -140,15 +140,6 @@ def _segments_backward(
 
 
 @njit(inline="always", **FLAGS)
-def _rows_forward(x: Any, y: Any, mean: Any, m2: Any, scale: Any, shift: Any, outer: int,
-                  channels: int, inner: int, chunks: int) -> None:  # fmt: skip
-    """The rows statistics into mean/m2; then, once scale and shift are set, the output."""
-    mean_c, m2_c = rows.stats_inline(x, outer, channels, inner, chunks)
-    mean[:] = mean_c
-    m2[:] = m2_c
-
-
-@njit(inline="always", **FLAGS)
 def _rows_backward(
     dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any, sum_dy_xmu: Any,
     count: float, outer: int, channels: int, inner: int, chunks: int,
@@ -181,8 +172,8 @@ def training_passes(rows_layout: bool) -> tuple[Kernel, Kernel]:
         # Returns whether the running statistics were updated (every mean finite).
         scale = np.empty(channels)
         shift = np.empty(channels)
-        if rows_layout:
-            _rows_forward(x, y, mean, m2, scale, shift, outer, channels, inner, chunks)
+        if rows_layout:  # statistics first; the output once scale and shift are known
+            mean[:], m2[:] = rows.stats_inline(x, outer, channels, inner, chunks)
         else:  # normalizes as it goes, each group from cache
             _segments_forward(x, weight, bias, eps, y, mean, m2, outer, channels, inner,
                               group, block, chunks)  # fmt: skip

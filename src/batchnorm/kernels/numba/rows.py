@@ -71,7 +71,7 @@ def _four_rows(r: int, width: int) -> Any:
 
 @jit
 def chunk_stats(x: Any, outer: int, width: int, t: int, chunks: int, mean: Any, m2: Any) -> Any:
-    """Chunk t's per-column (mean, m2) into mean/m2 (zeroed); returns its row count.
+    """Chunk t's per-column (mean, m2) written into mean/m2; returns its row count.
 
     Eight rows at a time, held in registers: their exact two-pass (mean, m2) per column,
     merged into the running column statistics by Chan's formula (the weights f and g of
