@@ -1,9 +1,10 @@
 """Fused BN+ReLU (+ residual) against BN then ReLU: CPU float32 forward + backward, and a
 ResNet-18 training step with and without the fx fusion pass.
 
-Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/family_bn_relu.py [--reps N] [--out FILE]``.
-Contenders run alternated, round by round, after a warm-up; the table gives medians and the
-ratios of medians. Writes JSON (default ``benchmarks/results/family_bn_relu.json``).
+Run: ``python benchmarks/family_bn_relu.py [--reps N] [--out FILE]`` (the default environment:
+no OpenMP variable is set). Contenders run alternated, round by round, after a warm-up; the
+table gives medians and the ratios of medians. Writes JSON (default
+``benchmarks/results/family_bn_relu.json``). ResNet-18 is ``benchmarks/e2e_cpu.py``'s.
 """
 
 from __future__ import annotations
@@ -11,18 +12,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from e2e_cpu import resnet18  # this folder's end-to-end script: one ResNet-18 for both
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import batchnorm.torch as bt  # noqa: E402
+import batchnorm.torch as bt
 
 
 def step_fn(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
@@ -53,36 +52,6 @@ def alternate(contenders: dict[str, Callable[[], None]], reps: int, warmup: int 
             fn()
             times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
-
-
-def resnet18(classes: int = 1000) -> nn.Module:
-    """ResNet-18's layout (He et al. 2016): a 7x7 stem, four stages of two basic blocks."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                               nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-    cin = 64
-    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes)]
-    return nn.Sequential(*layers)
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -117,7 +86,7 @@ def main() -> None:
             "our BN, torch.relu": step_fn(ours, x, r, False),
             "PyTorch BN, torch.relu": step_fn(native, x, r, False),
         }, args.reps)
-    model = resnet18()
+    model = resnet18(classes=1000)
     xb = torch.randn(args.resnet_batch, 3, args.resnet_size, args.resnet_size)
     yb = torch.randint(0, 1000, (args.resnet_batch,))
     converted = bt.convert_model(copy.deepcopy(model))
