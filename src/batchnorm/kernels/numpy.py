@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from batchnorm.kernels import buffers
 from batchnorm.kernels.relu import Backward, ReLUPasses
 
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -48,7 +49,7 @@ def channel_stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalize(x3: np.ndarray, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    y3 = np.empty_like(x3)
+    y3 = buffers.empty_like(x3)
     for os_, cs, d in _centered(x3, mean):
         d *= _col(scale, cs)
         d += _col(shift, cs)
@@ -79,7 +80,7 @@ def _grad_into(blocks: Iterator[tuple[slice, slice, np.ndarray, np.ndarray]], a:
 
 def grad_input(dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray, a: np.ndarray, b: np.ndarray,
                c: np.ndarray) -> np.ndarray:
-    dx3 = np.empty_like(x3)
+    dx3 = buffers.empty_like(x3)
     blocks = ((os_, cs, d, dy3[os_, cs]) for os_, cs, d in _centered(x3, mean))
     _grad_into(blocks, a, b, c, dx3, None)
     return dx3

@@ -17,6 +17,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from batchnorm.kernels import buffers
+
 Array = np.ndarray
 T = TypeVar("T")
 
@@ -67,7 +69,7 @@ class ReLUPasses:
                         want_dz: bool) -> tuple[Array, Array | None]:
         """``dx = a * dz + b * (x - mean) + c``, and ``dz`` itself (the residual's gradient)
         when ``want_dz``, else None."""
-        dx3 = np.empty_like(x3)
-        dz3 = np.empty_like(dy3) if want_dz else None
+        dx3 = buffers.empty_like(x3)
+        dz3 = buffers.empty_like(dy3) if want_dz else None
         self.grad_input(Backward(dy3, x3, mean, scale, shift, y3), *coefficients, dx3, dz3)
         return dx3, dz3

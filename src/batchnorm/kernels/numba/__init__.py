@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from batchnorm.kernels import buffers
 from batchnorm.kernels.numba import cache, config, fused, plan, rows, segments
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -50,7 +51,7 @@ def channel_stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def normalize(x3: np.ndarray, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     x3 = np.ascontiguousarray(x3)
-    out = np.empty_like(x3)
+    out = buffers.empty_like(x3)
     x = x3.reshape(-1)
     shift = _vec(shift)
     _normalize[plan.use_rows(x3)](
@@ -78,7 +79,7 @@ def grad_input(
 ) -> np.ndarray:
     x3 = np.ascontiguousarray(x3)
     dy3 = _same(dy3, x3)
-    out = np.empty_like(x3)
+    out = buffers.empty_like(x3)
     args = (_vec(mean), _vec(a), _vec(b), _vec(c), out.reshape(-1))
     _grad_input[plan.use_rows(x3)](
         x3.reshape(-1), dy3.reshape(-1), *args, *x3.shape, plan.chunks(x3)
@@ -116,7 +117,7 @@ def fused_forward(
     b = np.zeros(channels) if bias is None else _vec(bias)
     rm, rv = _running(running_mean), _running(running_var)
     x = np.ascontiguousarray(x3).reshape(-1)
-    y3 = np.empty_like(x3)
+    y3 = buffers.empty_like(x3)
     mean, m2, rstd = np.empty(channels), np.empty(channels), np.empty(channels)
     ok = fused.forward[group == 0](
         x, w, b, float(eps), rm, rv, float(momentum), y3.reshape(-1), mean, m2, rstd,
@@ -148,7 +149,7 @@ def fused_backward(
     dy = _same(dy3, x)
     channels = x3.shape[1]
     w = np.ones(channels) if weight is None else _vec(weight)
-    dx3 = np.empty_like(x)
+    dx3 = buffers.empty_like(x)
     sum_dy = np.empty(channels)
     sum_dy_xmu = np.empty(channels)
     args = (

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from batchnorm.kernels import buffers
 from batchnorm.kernels.numba.config import FLAGS, Parallel
 from batchnorm.kernels.numba.config import grad_coefficients as _grad_coefficients
 from batchnorm.kernels.numba.config import inverse_std as _inverse_std
@@ -156,7 +157,7 @@ def _vec(v: np.ndarray) -> np.ndarray:
 
 def _relu_forward(x3: np.ndarray, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray,
                   residual3: np.ndarray | None) -> np.ndarray:
-    y3 = np.empty_like(x3)
+    y3 = buffers.empty_like(x3)
     _normalize_relu(x3, _vec(mean), _vec(scale), _vec(shift), *given(residual3, x3), y3)
     return y3
 
@@ -192,7 +193,7 @@ def fused_forward_relu(
     if not _fusable(x3):
         return None
     channels = x3.shape[1]
-    y3 = np.empty_like(x3)
+    y3 = buffers.empty_like(x3)
     mean, m2 = np.empty(channels), np.empty(channels)
     _fused_forward(x3, _vec(weight), _vec(bias), float(eps), *given(residual3, x3), y3, mean, m2)
     return y3, mean, m2
@@ -207,8 +208,8 @@ def fused_backward_relu(
     if not _fusable(x3):
         return None
     channels = x3.shape[1]
-    dx3 = np.empty_like(x3)
-    dz3 = np.empty_like(dy3) if want_dz else dx3  # dx3 stands in, never written
+    dx3 = buffers.empty_like(x3)
+    dz3 = buffers.empty_like(dy3) if want_dz else dx3  # dx3 stands in, never written
     s1, s2 = np.empty(channels), np.empty(channels)
     _fused_backward(dy3, x3, *given(y3, x3), _vec(mean), _vec(rstd), _vec(weight), _vec(bias),
                     count, want_dz, dx3, dz3, s1, s2)
