@@ -40,6 +40,8 @@ def test_ratio_stats_are_per_round() -> None:
 def test_bench_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    for name in bench.MALLOC_KEEP:
+        monkeypatch.delenv(name, raising=False)
     out = tmp_path / "bench.json"
     args = ["bench", "12x3", "4x3x5x5/cl", "--repeats", "2", "--budget", "0.01"]
     args += ["--threads", "1", "--backends", "numpy", "--no-jax", "--json", str(out)]
@@ -78,6 +80,9 @@ def test_bench_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                 assert lo <= mid <= hi
         if "torch" in case["times_ms"]:
             assert set(case["ratios"]["torch_over_numpy"]) == set(bench.OPS)
+        assert set(case["page_faults"]) == set(case["times_ms"])
+        assert all(f >= 0 for ops in case["page_faults"].values() for f in ops.values())
+    assert meta["malloc"] == "glibc's default"
 
 
 def test_each_library_runs_alone_in_its_process() -> None:
@@ -181,3 +186,37 @@ def test_jax_function_matches_ours() -> None:
     y_jax, _ = level.jax(data, case).ops["forward"]()
     y, _ = F.batch_norm_forward(data["x"], data["w"], data["b"], training=True, axis=-1)
     np.testing.assert_allclose(np.asarray(y_jax), y, rtol=1e-10, atol=1e-12)
+
+
+def test_malloc_keep_is_an_option_for_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in bench.MALLOC_KEEP:
+        monkeypatch.delenv(name, raising=False)
+    assert bench.settings(bench_args("--backends", "numpy"))["malloc"] == "glibc's default"
+    opts = bench.settings(bench_args("--malloc", "keep", "--backends", "numpy"))
+    assert all(opts["env"][n] == str(1 << 30) for n in bench.MALLOC_KEEP)
+    assert opts["malloc"].startswith("MALLOC_MMAP_THRESHOLD_=")
+    assert not any(n in os.environ for n in bench.MALLOC_KEEP)  # only the timed processes
+
+
+def test_page_faults_are_counted_per_call() -> None:
+    """A call that writes fresh pages counts them; one that reuses memory counts none."""
+    import mmap
+
+    size = 64 * mmap.PAGESIZE
+
+    def fresh() -> None:
+        with mmap.mmap(-1, size) as m:  # new anonymous pages, faulted in by the writes
+            for i in range(0, size, mmap.PAGESIZE):
+                m[i] = 1
+
+    kept = bytearray(size)
+
+    def reuse() -> None:
+        for i in range(0, size, mmap.PAGESIZE):
+            kept[i] = 1
+
+    cs = [timing.Contender("fresh", {"forward": fresh}),
+          timing.Contender("reuse", {"forward": reuse})]  # fmt: skip
+    timing.alternate(cs, 3)
+    assert min(cs[0].faults["forward"]) >= 64
+    assert max(cs[1].faults["forward"]) < 8

@@ -35,6 +35,10 @@ from batchnorm.app.bench.timing import (
     ratio_stats,
 )
 
+# glibc's variables that stop it giving freed memory back to the system (--malloc keep)
+MALLOC_KEEP = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+KEEP_BYTES = 1 << 30
+
 LEVELS = {
     "functional": "one function call: ours batch_norm_forward + batch_norm_backward; torch "
                   "F.batch_norm + torch.autograd.grad; jax.jit of the forward and of jax.vjp",
@@ -72,6 +76,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default=None,
                         help="set OMP_WAIT_POLICY for every contender (default: leave the "
                              "environment as it is)")
+    parser.add_argument("--malloc", choices=("default", "keep"), default="default",
+                        help="keep: glibc keeps freed memory for reuse (MALLOC_MMAP_THRESHOLD_ "
+                             "and MALLOC_TRIM_THRESHOLD_ at 1 GiB), so no contender faults its "
+                             "outputs' pages in; default: the environment as it is")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--sync-worlds", type=int, nargs="+", default=None, metavar="P",
                         help="sync level: process counts (default 1 2 4)")
@@ -98,7 +106,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    return {"threads": threads, "backends": backends, "env": env,
+    if getattr(args, "malloc", "default") == "keep":
+        env.update({name: str(KEEP_BYTES) for name in MALLOC_KEEP})
+    malloc = ", ".join(f"{n}={env[n]}" for n in MALLOC_KEEP if n in env) or "glibc's default"
+    return {"threads": threads, "backends": backends, "env": env, "malloc": malloc,
             "omp_wait_policy": env.get("OMP_WAIT_POLICY", "unset (each library's default)")}
 
 
@@ -162,7 +173,7 @@ def run_cases(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                  "rounds": rounds}, opts["env"]))
         merged = runs[0]
         for extra in runs[1:]:  # memcpy stays the one timed beside ours
-            for key in ("raw_ms", "first_call_s"):
+            for key in ("raw_ms", "faults", "first_call_s"):
                 merged[key].update({k: v for k, v in extra[key].items() if k != "memcpy"})
         results.append(case_result(case, args.dtype, merged, backends[0]))
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -180,6 +191,7 @@ def run_cases(args: argparse.Namespace, opts: dict[str, Any]) -> int:
                          for n in (results[0]["first_call_s"] if results else {})},
         "load_average": [load_start, load_end],  # 1-minute load before and after
         "omp_wait_policy": opts["omp_wait_policy"],
+        "malloc": opts["malloc"],
         "processes": where,
     }
     flat = [c for c in cases if len(c.shape) == 2]  # the seed's class takes (N, C) rows
@@ -231,6 +243,8 @@ def case_result(case: Case, dtype: str, run: dict[str, Any], ours: str) -> dict[
         "times_ms": {n: {op: median(t) for op, t in ops.items()}
                      for n, ops in raw.items() if n != "memcpy"},
         "min_times_ms": {n: {op: min(t) for op, t in ops.items()} for n, ops in raw.items()},
+        "page_faults": {n: {op: median([float(f) for f in fs]) for op, fs in ops.items()}
+                        for n, ops in run["faults"].items() if n != "memcpy"},
         "first_call_s": run["first_call_s"],
         "ratios": ratios,
         "ratio_spread": spread,  # 25th and 75th percentiles of the per-round ratios

@@ -61,6 +61,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "first_call_s": {c.name: c.first_call_s for c in contenders},
         "raw_ms": {c.name: {op: [1e3 * t for t in ts] for op, ts in c.times.items()}
                    for c in contenders},
+        "faults": {c.name: c.faults for c in contenders},
     }
 
 

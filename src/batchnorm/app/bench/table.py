@@ -26,9 +26,11 @@ def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     table = Table(
         title=f"batch norm, {meta['level']} level, {meta['dtype']}, {meta['threads']} "
         f"thread(s), median ms, OMP_WAIT_POLICY {meta['omp_wait_policy']}"
-        + (f", load average {load}" if load else ""),
+        + (f", load average {load}" if load else "")
+        + f", malloc: {meta.get('malloc', 'unrecorded')}",
         caption=f"{meta['api']}. Ratios: median of per-round ratios (25th-75th percentile); "
         f"> 1 under X/{ours} means ours is faster; {ours}/memcpy is the cost over a copy of x. "
+        f"faults: minor page faults per call (median), contenders in column order. "
         f"{meta['processes']}.",
     )
     table.add_column("case")
@@ -39,6 +41,7 @@ def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     for key in keys:
         table.add_column(key.replace("_over_", "/"), justify="right")
     table.add_column(f"{ours}/memcpy", justify="right")
+    table.add_column("faults", justify="right")
     for res in results:
         for i, op in enumerate(OPS):
             name = res["name"] + (f" [{res['route']}]" if res.get("route") else "")
@@ -47,6 +50,8 @@ def print_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
             row.append(f"{res['memcpy_ms']:.3f}" if i == 0 else "")
             row += [ratio_text(res, key, op) for key in keys]
             row.append(ratio_text(res, f"{ours}_over_memcpy", op))
+            faults = res.get("page_faults", {})
+            row.append(" / ".join(f"{faults[n][op]:.0f}" for n in names if op in faults.get(n, {})))
             table.add_row(*row, end_section=i == len(OPS) - 1)
     console = Console(width=max(Console().width, 140))
     console.print(table)

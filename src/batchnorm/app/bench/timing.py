@@ -5,6 +5,10 @@ apart), then every round times each (pass, contender) once in an order shuffled 
 so that allocator state, cache warmth left by the previous contender and machine drift hit
 all alike. A ratio is taken round by round (the two contenders ran moments apart) and
 reported as the median of the per-round ratios with their 25th-75th percentiles.
+
+Each call's page faults are counted too (``getrusage``, outside the timed interval): an
+output whose memory the allocator had given back to the system faults its pages in, which
+can cost more than the pass itself (:mod:`batchnorm.kernels.buffers`).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class Contender:
     name: str
     ops: dict[str, Callable[[], Any]]
     times: dict[str, list[float]] = field(default_factory=dict)
+    faults: dict[str, list[int]] = field(default_factory=dict)  # minor page faults per call
     first_call_s: float = 0.0
 
 
@@ -82,6 +87,15 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def time_once(fn: Callable[[], Any]) -> float:
@@ -122,7 +136,9 @@ def alternate(contenders: list[Contender], rounds: int) -> None:
         for _ in range(rounds):
             order.shuffle(pairs)
             for op, c in pairs:
+                before = minor_faults()
                 c.times.setdefault(op, []).append(time_once(c.ops[op]))
+                c.faults.setdefault(op, []).append(minor_faults() - before)
     finally:
         if enabled:
             gc.enable()
