@@ -238,7 +238,7 @@ def test_dx_is_not_computed_when_the_input_needs_no_grad(monkeypatch) -> None:
     native, ours = _pair(2, torch.float32)
     x = torch.randn(6, 5, 4, 3) + 1
     assert bt.route(x, ours.weight) == "cpu"
-    monkeypatch.setattr(functional, "batch_norm_backward", refuse)
+    monkeypatch.setattr(functional, "backward_trusted", refuse)  # the drop-in's dx path
     dy = torch.randn(x.shape)
     native(x).backward(dy)
     ours(x).backward(dy)
@@ -308,7 +308,7 @@ def test_numba_kernels_run_with_torchs_thread_count(monkeypatch) -> None:
     from batchnorm import functional
 
     seen = []
-    forward, backward = functional.batch_norm_forward, functional.batch_norm_backward
+    forward, backward = functional.forward_trusted, functional.backward_trusted
 
     def spy_forward(*args, **kwargs):
         seen.append(numba.get_num_threads())
@@ -318,8 +318,8 @@ def test_numba_kernels_run_with_torchs_thread_count(monkeypatch) -> None:
         seen.append(numba.get_num_threads())
         return backward(*args, **kwargs)
 
-    monkeypatch.setattr(functional, "batch_norm_forward", spy_forward)
-    monkeypatch.setattr(functional, "batch_norm_backward", spy_backward)
+    monkeypatch.setattr(functional, "forward_trusted", spy_forward)  # what the drop-in calls
+    monkeypatch.setattr(functional, "backward_trusted", spy_backward)
     layer = bt.BatchNorm2d(3)
     layer.backend = "numba"
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
@@ -470,3 +470,15 @@ def test_imports_without_triton_and_batchnorm_without_torch() -> None:
     )
     res = _run(no_torch)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_eval_without_running_statistics_raises_pytorchs_error(monkeypatch) -> None:
+    from batchnorm.torch import function, routing
+
+    monkeypatch.setattr(routing, "MIN_NUMEL", 0)  # every CPU size would go to our kernels
+    x = torch.randn(6, 5, 4, 3)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.functional.batch_norm(x, None, None, training=False)
+    with pytest.raises(RuntimeError) as mine:
+        function.batch_norm(x, None, None, training=False)
+    assert str(mine.value) == str(theirs.value)

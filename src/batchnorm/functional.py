@@ -27,9 +27,11 @@ __all__ = [
     "BatchNormCache",
     "NonFiniteBatchError",
     "StatsSync",
+    "backward_trusted",
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
+    "forward_trusted",
 ]
 
 
@@ -193,10 +195,34 @@ def batch_norm_forward(
         )
     if not eps > 0 and (training or not eps == 0):
         raise ValueError(f"eps must be positive in training (non-negative in eval), got {eps}")
-    name = kernels.resolve(backend)
-    impl = kernels.get(name, x.dtype)
-    x3 = layout.to3d(x, x.dtype)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("running_mean and running_var are required when training=False")
+    return forward_trusted(
+        x, layout, weight, bias, running_mean, running_var, bool(training), momentum, eps,
+        kernels.resolve(backend), sync,
+    )  # fmt: skip
 
+
+def forward_trusted(
+    x: np.ndarray,
+    layout: Layout,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    backend: str,
+    sync: StatsSync | None = None,
+) -> tuple[np.ndarray, BatchNormCache]:
+    """:func:`batch_norm_forward` after its checks, for a caller that has made them (the torch
+    drop-in, whose routing admits only tensors that pass them): x a float ndarray seen
+    through ``layout``, per-channel arrays of shape (C,), running buffers writable ndarrays
+    (both or neither; required in eval), ``backend`` a resolved name."""
+    impl = kernels.get(backend, x.dtype)
+    x3 = layout.to3d(x, x.dtype)
+    channels = x3.shape[1]
     count = x3.shape[0] * x3.shape[2]
     y3 = None
     if training:
@@ -225,8 +251,7 @@ def batch_norm_forward(
                 running_mean[...] = new_mean
                 running_var[...] = new_var
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required when training=False")
+        assert running_mean is not None and running_var is not None
         mean = running_mean.astype(np.float64)
         rstd = inverse_std(running_var.astype(np.float64), eps)
 
@@ -235,7 +260,7 @@ def batch_norm_forward(
         shift = np.zeros(channels) if bias is None else bias.astype(np.float64)
         y3 = impl.normalize(x3, mean, scale, shift)
     cache = BatchNormCache(
-        layout, x, mean, rstd, weight, bias is not None, bool(training), count, name, sync
+        layout, x, mean, rstd, weight, bias is not None, training, count, backend, sync
     )
     return layout.from3d(y3), cache
 
@@ -250,11 +275,18 @@ def batch_norm_backward(
     sums over this process's values only.
     """
     dy = _float_array(dy, "grad_output")
-    layout = cache.layout
-    if dy.shape != layout.shape:
+    if dy.shape != cache.layout.shape:
         raise ValueError(
-            f"grad_output has shape {dy.shape}, expected the input's shape {layout.shape}"
+            f"grad_output has shape {dy.shape}, expected the input's shape {cache.layout.shape}"
         )
+    return backward_trusted(dy, cache)
+
+
+def backward_trusted(
+    dy: np.ndarray, cache: BatchNormCache
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """:func:`batch_norm_backward` after its checks: dy a float ndarray of x's shape."""
+    layout = cache.layout
     x3 = cache.x3
     dy3 = layout.to3d(dy, x3.dtype)
     impl = kernels.get(cache.backend, x3.dtype)

@@ -105,6 +105,8 @@ def route(
     given = [t for t in (weight, bias, running_mean, running_var) if t is not None]
     if traced(x, *given) or x.dim() < 2 or x.layout != torch.strided:
         return "torch"
+    if not training and (running_mean is None or running_var is None):
+        return "torch"  # PyTorch's own error (eval needs running statistics)
     if x.is_cpu and not TRITON_ON_CPU:  # the common case, in few tensor calls (each ~1 us)
         return _cpu(x, given, training)
     channels_last = tensor_channels_last(x)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from batchnorm.kernels import buffers
+from batchnorm.kernels.numba import config
 from batchnorm.kernels.numba.config import FLAGS, Parallel
 from batchnorm.kernels.numba.config import grad_coefficients as _grad_coefficients
 from batchnorm.kernels.numba.config import inverse_std as _inverse_std
@@ -163,7 +163,7 @@ def _relu_forward(x3: np.ndarray, mean: np.ndarray, scale: np.ndarray, shift: np
 
 
 def _relu_sums(g: Backward) -> tuple[np.ndarray, np.ndarray]:
-    chunks = max(1, min(numba.get_num_threads(), g.x3.shape[0]))
+    chunks = max(1, min(config.num_threads(), g.x3.shape[0]))
     s1, s2 = _relu_grad_sums(g.dy3, g.x3, *given(g.y3, g.x3), _vec(g.mean), _vec(g.scale),
                              _vec(g.shift), chunks)
     return s1, s2
@@ -182,7 +182,7 @@ normalize_relu, relu_grad_sums, relu_grad_input = (
 
 
 def _fusable(x3: np.ndarray) -> bool:
-    return x3.shape[2] >= FUSE_MIN_INNER and x3.shape[1] >= numba.get_num_threads()
+    return x3.shape[2] >= FUSE_MIN_INNER and x3.shape[1] >= config.num_threads()
 
 
 def fused_forward_relu(
