@@ -4,8 +4,11 @@ A small conv net (two Conv-BN-ReLU, batch 32 at 32x32) and ResNet-18 (written ou
 torchvision does not install beside this torch build; batch 16 at 64x64, and with ``--nets``
 at 224x224), each in NCHW and channels_last. Native and converted
 (``batchnorm.torch.convert_model`` on a copy, same weights) alternate step by step
-(zero_grad, forward, cross-entropy, backward, SGD step) after warm-up; medians. The
-default environment: no OpenMP variable is set, PyTorch's own thread count.
+(zero_grad, forward, cross-entropy, backward, SGD step), in an order shuffled every round,
+after warm-up; medians, and the
+ratio native/converted of each round's pair of steps as median with its 25th-75th
+percentiles (the spread says what noise is). The default environment: no OpenMP variable
+is set, PyTorch's own thread count.
 
     .venv/bin/python benchmarks/e2e_cpu.py [--rounds 10] [--nets NAME ...] [--json PATH]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import time
 
@@ -65,11 +69,21 @@ NETS = {"small conv net": (small_net, (32, 3, 32, 32)), "ResNet-18": (resnet18, 
         "ResNet-18 224x224": (resnet18, (16, 3, 224, 224))}
 
 
-def measure(name: str, layout: str, rounds: int) -> dict[str, float]:
+def quartiles(values: list[float]) -> list[float]:
+    """[25th, 50th, 75th] percentiles."""
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [q[0], q[1], q[2]]
+
+
+def measure(name: str, layout: str, rounds: int, control: bool = False) -> dict[str, object]:
+    """Median step times and per-round ratios; ``control``: the "converted" model is an
+    unconverted copy of the native one (an A/A run: the ratios' spread is the noise)."""
     build, shape = NETS[name]
     torch.manual_seed(0)
     native = build()
-    converted = bt.convert_model(copy.deepcopy(native))
+    converted = copy.deepcopy(native)
+    if not control:
+        converted = bt.convert_model(converted)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape).contiguous(memory_format=fmt)
     target = torch.randint(0, 10, (shape[0],))
@@ -85,34 +99,46 @@ def measure(name: str, layout: str, rounds: int) -> dict[str, float]:
 
         steps[label] = step
     times: dict[str, list[float]] = {k: [] for k in steps}
+    order = list(steps)
+    shuffle = random.Random(0)
     for i in range(rounds + 2):
-        for label, step in steps.items():
+        shuffle.shuffle(order)  # a fixed order favours one side (measured: up to 4%)
+        for label in order:
             t0 = time.perf_counter()
-            step()
+            steps[label]()
             if i >= 2:
                 times[label].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    ratios = [n / c for n, c in zip(times["native"], times["converted"], strict=True)]
+    out: dict[str, object] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    out["round_ratio_quartiles"] = quartiles(ratios)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--control", action="store_true",
+                        help="A/A: time the native model against an unconverted copy of itself")
     parser.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS)[:2],
                         help="default: the two small ones (ResNet-18 at 224x224 takes minutes)")
     args = parser.parse_args()
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median ms per step")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median ms per step"
+          + (": A/A control, 'converted' is an unconverted copy" if args.control else ""))
     for name in args.nets:
         for layout in ("contiguous", "channels_last"):
-            ms = measure(name, layout, args.rounds)
-            ratio = ms["native"] / ms["converted"]
+            ms = measure(name, layout, args.rounds, args.control)
+            native, converted = float(ms["native"]), float(ms["converted"])  # type: ignore[arg-type]
+            ratio = native / converted
+            lo, mid, hi = ms["round_ratio_quartiles"]  # type: ignore[misc]
             rows.append({"net": name, "layout": layout, **ms, "native/converted": ratio})
-            print(f"{name:<15} {layout:<13} native {ms['native']:8.1f}  converted "
-                  f"{ms['converted']:8.1f}  native/converted {ratio:5.2f}x")  # fmt: skip
+            print(f"{name:<17} {layout:<13} native {native:8.1f}  converted {converted:8.1f}  "
+                  f"native/converted {ratio:5.2f}x  per round {mid:.2f} ({lo:.2f}-{hi:.2f})")
     if args.json:
         with open(args.json, "w") as fh:
-            meta = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+            meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "control (A/A, nothing converted)": args.control}
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
 
 

@@ -197,7 +197,7 @@ def test_bn_relu_follows_the_drop_ins_routing_table(monkeypatch):
     from batchnorm.torch import fused, routing
 
     monkeypatch.setattr(routing, "MIN_NUMEL", None)  # the measured table
-    crossover = routing.min_numel(False, torch.get_num_threads())
+    crossover = routing.min_numel("contiguous", torch.get_num_threads())
     x = torch.empty(crossover // 64, 64, 1, 1)
     assert fused._ours(x, None, True)
     assert not fused._ours(x[:-1], None, True)  # below the crossover: PyTorch's ops

@@ -275,15 +275,21 @@ def test_routes() -> None:
 def test_small_inputs_go_to_torch_by_default(monkeypatch) -> None:
     monkeypatch.setattr(routing, "MIN_NUMEL", None)  # the measured table
     assert bt.route(torch.randn(60, 100)) == "torch"
-    for channels_last in (False, True):
-        crossover = routing.min_numel(channels_last, torch.get_num_threads())
-        x = torch.randn(crossover // 256, 64, 2, 2)
-        if channels_last:
-            x = _channels_last(x)
+    for layout in routing.LAYOUTS:
+        crossover = routing.min_numel(layout, torch.get_num_threads())
+        if layout == "2d":
+            x = torch.randn(crossover // 256, 256)
+        else:
+            x = torch.randn(crossover // 256, 64, 2, 2)
+            if layout == "channels_last":
+                x = _channels_last(x)
+        assert routing.layout_of(x, layout == "channels_last") == layout
         assert bt.route(x) == "cpu"
         assert bt.route(x[:-1]) == "torch"
         assert bt.route(x, training=False) == "torch"  # eval: PyTorch's kernel at every size
-    assert routing.min_numel(False, 64) == routing.CPU_MIN_NUMEL[(False, 2)]
+    assert routing.min_numel("contiguous", 64) == routing.CPU_MIN_NUMEL[("contiguous", 2)]
+    with pytest.raises(ValueError, match="unknown layout"):
+        routing.min_numel("nchw", 2)
 
 
 def test_eval_calls_of_the_module_go_to_torch_by_default(monkeypatch) -> None:

@@ -143,7 +143,8 @@ def _ours(x: torch.Tensor, residual: torch.Tensor | None, training: bool,
     channels_last = tensor_channels_last(x)
     if channels_last is None:
         return False
-    crossover = routing.min_numel(channels_last, torch.get_num_threads(), training)
+    layout = routing.layout_of(x, channels_last)
+    crossover = routing.min_numel(layout, torch.get_num_threads(), training)
     if x.numel() < max(1, crossover):
         return False
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype

@@ -25,7 +25,8 @@ from torch.overrides import has_torch_function_variadic
 
 from batchnorm.layout import tensor_channels_last
 
-__all__ = ["CPU_MIN_NUMEL", "min_numel", "route", "traced", "triton_available"]
+__all__ = ["CPU_MIN_NUMEL", "LAYOUTS", "layout_of", "min_numel", "route", "traced",
+           "triton_available"]
 
 CPU_DTYPES = (torch.float32, torch.float64)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,17 +35,21 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_ON_CPU = False
 # Below the crossover PyTorch's CPU kernel is faster: the Python around ours (validation, NumPy
 # views, the autograd Function, about 0.1 ms a training step) costs more than the pass saves.
-# Elements of x, by (channels_last, threads), for a float32 training step (forward +
-# backward) with 64 channels, measured by benchmarks/crossover.py
-# (benchmarks/results/crossover.json, 2**11 to 2**22 elements, quiet machine, numba on the
-# omp layer); where ours never won in that range the table says 2**22 (one thread,
-# channels-last: 0.98x there). More threads use the largest entry.
-CPU_MIN_NUMEL: dict[tuple[bool, int], int] = {
-    (False, 1): 524_288,
-    (True, 1): 4_194_304,
-    (False, 2): 524_288,
-    (True, 2): 4_194_304,
+# Elements of x, by (layout, threads), for a float32 training step (forward + backward),
+# measured by benchmarks/crossover.py (2**11 to 2**22 elements, quiet machine, numba on the
+# omp layer; benchmarks/results/crossover.json for "contiguous" and "channels_last",
+# (N, 64, H, W), and crossover-2d.json for "2d", (N, 256)); where ours never won in that
+# range the table says 2**22 (one thread: channels-last 0.98x there, 2-D 0.90x). More
+# threads use the largest entry.
+CPU_MIN_NUMEL: dict[tuple[str, int], int] = {
+    ("contiguous", 1): 524_288,
+    ("channels_last", 1): 4_194_304,
+    ("2d", 1): 4_194_304,  # never won (0.87-1.04x up to 2**22)
+    ("contiguous", 2): 524_288,
+    ("channels_last", 2): 4_194_304,
+    ("2d", 2): 1_048_576,
 }
+LAYOUTS = ("contiguous", "channels_last", "2d")
 # Eval forwards (batch_norm with training=False) stay with PyTorch at every size: at the
 # drop-in level its eval kernel was as fast as ours or faster on every bench case
 # (benchmarks/results/bench-dropin.json: torch/ours 0.62-0.98), the pass being one read and
@@ -70,14 +75,25 @@ def triton_available() -> bool:
 _threads = torch.get_num_threads
 
 
-def min_numel(channels_last: bool, threads: int, training: bool = True) -> int:
-    """The CPU crossover: from this many elements on our kernels are faster."""
+def layout_of(x: torch.Tensor, channels_last: bool) -> str:
+    """The routing table's layout of a dense ``x``: "2d" for (N, C), else "channels_last" or
+    "contiguous"."""
+    if x.dim() == 2:
+        return "2d"
+    return "channels_last" if channels_last else "contiguous"
+
+
+def min_numel(layout: str, threads: int, training: bool = True) -> int:
+    """The CPU crossover for ``layout`` (one of :data:`LAYOUTS`): from this many elements on
+    our kernels are faster."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if MIN_NUMEL is not None:
         return MIN_NUMEL
     if not training:
         return 2**63
-    known = [t for cl, t in CPU_MIN_NUMEL if cl == channels_last]
-    return CPU_MIN_NUMEL[(channels_last, min(threads, max(known)))]
+    known = [t for name, t in CPU_MIN_NUMEL if name == layout]
+    return CPU_MIN_NUMEL[(layout, min(threads, max(known)))]
 
 
 def traced(*tensors: torch.Tensor | None) -> bool:
@@ -130,7 +146,9 @@ def _cpu(x: torch.Tensor, given: list[torch.Tensor], training: bool) -> str:
     if dtype not in CPU_DTYPES:
         return "torch"
     channels_last = tensor_channels_last(x)
-    if channels_last is None or x.numel() < max(1, min_numel(channels_last, _threads(), training)):
+    if channels_last is None:
+        return "torch"
+    if x.numel() < max(1, min_numel(layout_of(x, channels_last), _threads(), training)):
         return "torch"
     channels = x.shape[1]
     for t in given:
