@@ -443,3 +443,25 @@ def test_our_parallel_regions_run_on_pytorchs_openmp_threads() -> None:
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "shared" in out.stdout
+
+
+def test_fused_passes_go_parallel_from_their_own_threshold() -> None:
+    """Channel-parallel fused passes take two threads from FUSED_PARALLEL_MIN elements, below
+    the unfused kernels' PARALLEL_MIN (measured to pay there: docs/performance.md)."""
+    import numba
+
+    from batchnorm import kernels
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+    assert config.FUSED_PARALLEL_MIN < config.PARALLEL_MIN
+    with kernels.threads(2):
+        small = np.zeros((1, 256, 49), np.float32)  # 12,544 elements: under the threshold
+        assert small.size < config.FUSED_PARALLEL_MIN
+        assert plan.fusable(small, 1)[0] == 1
+        above = np.zeros((1, 512, 49), np.float32)  # 25,088: two threads, seven groups
+        assert config.FUSED_PARALLEL_MIN <= above.size < config.PARALLEL_MIN
+        assert plan.fusable(above, 1)[0] == 2
+        assert plan.chunks(above) == 1  # the unfused kernels stay serial at this size
+        one_group = np.zeros((8, 64, 49), np.float32)  # one group: fused, on one thread
+        assert plan.fusable(one_group, 1) == (1, 64)

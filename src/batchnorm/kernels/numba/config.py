@@ -88,6 +88,11 @@ BLOCK = 4096  # segment elements per two-pass block (a float32 block is 16 KiB: 
 # fwd+bwd, 2 threads, omp layer, quiet machine: serial/parallel 0.7 at 2**15 elements,
 # 0.9 at 2**16, 1.0 at 2**17, 1.3 at 2**18, 1.55 at 2**19).
 PARALLEL_MIN = 1 << 17
+# The channel-parallel fused passes (segments) pay from smaller arrays: a thread takes whole
+# channel groups, no rows to merge, and short segments cost more compute per byte (fwd+bwd,
+# 2 threads, serial/parallel: 0.99 at 12,544 elements, 1.03-1.09 at 16-19K, 1.14-1.27 at
+# 25-50K, 1.5 at 100K on 7x7 to 28x28 maps; benchmarks in docs/performance.md).
+FUSED_PARALLEL_MIN = 1 << 14
 # Fused passes (fused.py) take channels in groups whose rows of x (and dy) fit in
 # FUSE_MAX_BYTES, so that the second pass reads them from cache (L2 is 2 MiB a core here,
 # L3 is large); a group's run per row is about FUSE_RUN_BYTES where that fits. Measured
@@ -181,12 +186,13 @@ def set_threads(n: int) -> int:
     return int(previous)
 
 
-def chunks(size: int, units: int) -> int:
-    """How many chunks to split ``units`` work units (rows or segments) of ``size`` values."""
+def chunks(size: int, units: int, minimum: int | None = None) -> int:
+    """How many chunks to split ``units`` work units (rows, segments or channel groups) of
+    ``size`` values into; one below ``minimum`` values (default :data:`PARALLEL_MIN`)."""
     if _Fork.child:
         return 1
     if CHUNKS is not None:
         return max(1, min(CHUNKS, units))
-    if size < PARALLEL_MIN:
+    if size < (PARALLEL_MIN if minimum is None else minimum):
         return 1
     return max(1, min(num_threads(), units))

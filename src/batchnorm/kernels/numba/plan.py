@@ -33,11 +33,13 @@ def fusable(x3: np.ndarray, arrays: int) -> tuple[int, int]:
     if group * segment < config.FUSE_MIN_RUN_BYTES:
         return 0, 0  # short runs strided by C * inner defeat the prefetchers (measured 1.5x)
     groups = -(-channels // group)
-    threads = chunks(x3)  # what the unfused kernels would use
+    threads = config.chunks(x3.size, outer * channels, config.FUSED_PARALLEL_MIN)
     if -(-groups // threads) * threads > config.FUSE_MAX_IMBALANCE * groups:
         # too few groups for the threads (C = 1 on two threads): the unfused kernels split
         # rows. Some imbalance pays: 3 groups on 2 threads still beat moving x once more.
-        return 0, 0
+        if chunks(x3) > 1:
+            return 0, 0
+        threads = 1  # the unfused kernels would run serially too: fuse on one thread
     return min(threads, groups), group
 
 
