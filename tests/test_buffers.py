@@ -74,6 +74,19 @@ def test_dtype_and_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     assert other.base is not None and buffers.kept_bytes() == 2 * x.nbytes
 
 
+def test_release_drops_only_free_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(buffers, "_pool", {})
+    monkeypatch.setattr(buffers, "_kept", [0])
+    x = np.ones(BIG, np.float32)
+    held = buffers.empty_like(x)
+    dropped = buffers.empty_like(x)
+    del dropped
+    assert buffers.kept_bytes() == 2 * x.nbytes
+    assert buffers.release() == x.nbytes  # the held one stays
+    held.fill(3.0)
+    assert (held == 3.0).all() and buffers.kept_bytes() == x.nbytes
+
+
 def test_threads_never_share_a_buffer() -> None:
     x = np.ones(BIG, np.float32)
     bad: list[int] = []

@@ -10,7 +10,9 @@ between 0.26 and 0.90 ms for the same reason; ``benchmarks/page_faults.py``).
 :func:`empty_like` hands out arrays whose memory this module keeps: a buffer is given out
 again once no array refers to it any more (its reference count), so a training loop reuses
 the same few buffers. Small arrays (heap chunks glibc reuses anyway) are plain ``np.empty``.
-At most :data:`LIMIT` bytes are kept; beyond it outputs are plain arrays again.
+At most :data:`LIMIT` bytes are kept (in use or free); beyond it the free ones are dropped
+and, if that is not enough, outputs are plain arrays again. :func:`release` gives the free
+ones back at any time (as ``torch.cuda.empty_cache`` does for PyTorch's GPU cache).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LIMIT", "MIN_BYTES", "empty_like", "kept_bytes"]
+__all__ = ["LIMIT", "MIN_BYTES", "empty_like", "kept_bytes", "release"]
 
 MIN_BYTES = 1 << 17  # glibc's smallest mmap threshold: below it freed chunks stay in the heap
 LIMIT = 1 << 30  # bytes of buffers kept, in use or free
@@ -37,6 +39,14 @@ _FREE = 3
 def kept_bytes() -> int:
     """Bytes of the buffers kept now (in use or free)."""
     return _kept[0]
+
+
+def release() -> int:
+    """Drop the buffers no array refers to (glibc may then return their memory to the
+    system); returns the bytes still kept, all of them in use."""
+    with _lock:
+        _release_free()
+        return _kept[0]
 
 
 def _take(nbytes: int) -> np.ndarray | None:
