@@ -80,8 +80,10 @@ def measure(name: str, layout: str, rounds: int, control: bool = False) -> dict[
     unconverted copy of the native one (an A/A run: the ratios' spread is the noise)."""
     build, shape = NETS[name]
     torch.manual_seed(0)
-    native = build()
-    converted = copy.deepcopy(native)
+    base = build()
+    # both sides are copies: in A/A runs a copy against the model it was copied from was up
+    # to 12% slower (memory placement), which would bias a converted copy the same way
+    native, converted = copy.deepcopy(base), copy.deepcopy(base)
     if not control:
         converted = bt.convert_model(converted)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
