@@ -50,8 +50,12 @@ def test_bad_arguments_exit_with_usage_error(capsys):
 
 
 def test_info(capsys):
+    from batchnorm.kernels import buffers
+
     assert cli.main(["info"]) == 0
-    assert "backends installed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backends installed" in out
+    assert f"kept now: {buffers.kept_bytes()} bytes" in out
 
 
 def test_info_shows_the_kernel_cache(capsys):

@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
         shared = " (the OpenMP runtime PyTorch loads: one thread pool for both)"
         note = shared if layer == "omp" else ""
         print(f"numba threads: {threads}, threading layer {layer}{note}")
+    from batchnorm.kernels import buffers
+
+    print(f"output buffers: outputs of {buffers.MIN_BYTES // 1024} KiB and more reuse kept "
+          f"memory, up to {buffers.LIMIT >> 20} MiB (kept now: {buffers.kept_bytes()} bytes)")
     if args.warm_up:
         print("warming up the kernels (about a minute the first time on a machine)...")
     cache = backends.warm_up() if args.warm_up else backends.cache_info()
