@@ -229,7 +229,8 @@ def test_fused_helpers_match_the_public_passes(
         b = rng.standard_normal(channels)
         fused = nb.fused_forward(x, w, b, eps)
         assert fused is not None
-        y, mean, m2, rstd_fused = fused
+        y, mean, m2, rstd_fused, finite = fused
+        assert finite is True
         mean0, m20 = nb.channel_stats(x)
         np.testing.assert_allclose(mean, mean0, rtol=1e-12)
         np.testing.assert_allclose(m2, m20, rtol=1e-10)
@@ -286,7 +287,8 @@ def test_rows_training_passes_in_one_call(path: str, shape3: tuple[int, int, int
         rm0, rv0 = rm.astype(np.float64), rv.astype(np.float64)
         done = nb.fused_forward(x, w, b, eps, rm, rv, momentum)
         assert done is not None
-        y, mean, m2, rstd = done
+        y, mean, m2, rstd, finite = done
+        assert finite is True
         mean0, m20 = npb.channel_stats(x)
         np.testing.assert_allclose(mean, mean0, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(m2, m20, rtol=1e-10)
@@ -304,7 +306,7 @@ def test_rows_training_passes_in_one_call(path: str, shape3: tuple[int, int, int
         x[1, 2, 0] = np.nan
         before = rm.copy(), rv.copy()
         done = nb.fused_forward(x, w, b, eps, rm, rv, momentum)
-        assert done is not None and not np.isfinite(done[1][2])
+        assert done is not None and not np.isfinite(done[1][2]) and done[4] is False
         np.testing.assert_array_equal(rm, before[0])
         np.testing.assert_array_equal(rv, before[1])
 

@@ -230,8 +230,9 @@ def forward_trusted(
         if sync is None and count > 1:
             done = impl.fused_forward(x3, weight, bias, eps, running_mean, running_var, momentum)
         if done is not None:
-            y3, mean, _, rstd = done
-            _check_finite(mean)
+            y3, mean, _, rstd, finite = done
+            if not finite:
+                _check_finite(mean)  # raises, naming the channels
         else:
             mean, m2 = impl.channel_stats(x3) if count else (np.zeros(channels),) * 2
             if sync is not None:
@@ -292,17 +293,15 @@ def backward_trusted(
     impl = kernels.get(cache.backend, x3.dtype)
     channels = x3.shape[1]
     dx3 = None
-    sum_dy = sum_dy_xmu = np.zeros(channels)
+    done = None
     if cache.batch_stats and cache.sync is None and x3.size:  # one compiled call, where it pays
         done = impl.fused_backward(dy3, x3, cache.mean, cache.rstd, cache.weight, cache.count)
-        if done is not None:
-            dx3, sum_dy, sum_dy_xmu = done
-    if (
-        dx3 is None
-        and x3.size
-        and (cache.batch_stats or cache.weight is not None or cache.has_bias)
-    ):
+    if done is not None:
+        dx3, sum_dy, sum_dy_xmu = done
+    elif x3.size and (cache.batch_stats or cache.weight is not None or cache.has_bias):
         sum_dy, sum_dy_xmu = impl.grad_sums(dy3, x3, cache.mean)
+    else:
+        sum_dy = sum_dy_xmu = np.zeros(channels)
     dweight = sum_dy_xmu * cache.rstd if cache.weight is not None else None
     dbias = sum_dy.copy() if cache.has_bias else None
     if dx3 is None:

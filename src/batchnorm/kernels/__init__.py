@@ -47,13 +47,15 @@ class Kernels(Protocol):
         running_mean: Any | None = None,
         running_var: Any | None = None,
         momentum: float = 0.0,
-    ) -> tuple[Any, Any, Any, Any] | None:
-        """Training forward in one call: ``(y3, mean, m2, rstd)``, or None where it would not pay.
+    ) -> tuple[Any, Any, Any, Any, bool] | None:
+        """Training forward in one call: ``(y3, mean, m2, rstd, finite)``, or None where it
+        would not pay.
 
         The same numbers as ``channel_stats`` then ``normalize`` with
         ``rstd = inverse_std(m2 / count, eps)``, ``scale = weight * rstd``, ``shift = bias``.
-        The running buffers, when given, get :func:`batchnorm.math.running_stats` in place
-        only if every channel's mean is finite (the caller then reports the batch).
+        ``finite`` says whether every channel's mean is finite; the running buffers, when
+        given, get :func:`batchnorm.math.running_stats` in place only then (otherwise the
+        caller reports the batch).
         """
 
     def fused_backward(

@@ -104,8 +104,9 @@ def fused_forward(
     running_mean: np.ndarray | None = None,
     running_var: np.ndarray | None = None,
     momentum: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """Training forward in one compiled call: ``(y3, mean, m2, rstd)``, or None to decline.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool] | None:
+    """Training forward in one compiled call: ``(y3, mean, m2, rstd, finite)``, or None to
+    decline.
 
     Rows layouts always; segments where reading x once pays (:func:`.plan.fusable`).
     """
@@ -127,7 +128,7 @@ def fused_forward(
         for given, used in ((running_mean, rm), (running_var, rv)):
             if given is not None and used is not given:
                 given[...] = used
-    return y3, mean, m2, rstd
+    return y3, mean, m2, rstd, bool(ok)
 
 
 def fused_backward(
