@@ -220,3 +220,26 @@ def test_page_faults_are_counted_per_call() -> None:
     timing.alternate(cs, 3)
     assert min(cs[0].faults["forward"]) >= 64
     assert max(cs[1].faults["forward"]) < 8
+
+
+def test_the_sync_level_launches_its_processes_with_the_bench_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batchnorm.app.bench import sync
+
+    for name in (*bench.MALLOC_KEEP, "OMP_WAIT_POLICY"):
+        monkeypatch.setenv(name, "unset")  # restored after the test: run() writes os.environ
+        monkeypatch.delenv(name)
+    seen: dict[str, str | None] = {}
+
+    def fake_measure(*args: object, **kwargs: object) -> list[dict[str, object]]:
+        seen.update({n: os.environ.get(n) for n in (*bench.MALLOC_KEEP, "OMP_WAIT_POLICY")})
+        return []
+
+    monkeypatch.setattr(sync, "measure", fake_measure)
+    monkeypatch.setattr(sync, "_table", lambda rows, title: title)
+    args = bench_args("--sync", "--malloc", "keep", "--omp-wait-policy", "PASSIVE",
+                      "--backends", "numpy")
+    assert bench.run(args) == 0
+    assert seen == {**{n: str(1 << 30) for n in bench.MALLOC_KEEP}, "OMP_WAIT_POLICY": "PASSIVE"}
+    assert "malloc: MALLOC_MMAP_THRESHOLD_=" in capsys.readouterr().out

@@ -31,9 +31,16 @@ LIMIT = 1 << 30  # bytes of buffers kept, in use or free
 _pool: dict[int, list[np.ndarray]] = {}  # by size in bytes
 _kept = [0]
 _lock = threading.Lock()
-# a buffer nobody else holds: referenced by its pool list, the loop variable and the
-# argument of sys.getrefcount
-_FREE = 3
+
+
+def _refs(same: list[np.ndarray], i: int) -> int:
+    """References to ``same[i]``, counted the one way both users below count them."""
+    return sys.getrefcount(same[i])
+
+
+# what _refs reports for a buffer that only its pool list holds, measured rather than
+# assumed (interpreters differ in the temporary references they count)
+_FREE = _refs([np.empty(1)], 0)
 
 
 def kept_bytes() -> int:
@@ -52,9 +59,9 @@ def release() -> int:
 def _take(nbytes: int) -> np.ndarray | None:
     """A free buffer of ``nbytes`` bytes, or a new one kept in the pool; None when full."""
     same = _pool.setdefault(nbytes, [])
-    for buf in same:
-        if sys.getrefcount(buf) == _FREE:
-            return buf
+    for i in range(len(same)):
+        if _refs(same, i) == _FREE:
+            return same[i]
     if _kept[0] + nbytes > LIMIT:
         _release_free()
         if _kept[0] + nbytes > LIMIT:
@@ -68,12 +75,8 @@ def _take(nbytes: int) -> np.ndarray | None:
 def _release_free() -> None:
     """Drop every free buffer (the memory goes back to glibc)."""
     for nbytes, same in _pool.items():
-        held = []
-        for buf in same:
-            if sys.getrefcount(buf) == _FREE:
-                _kept[0] -= nbytes
-            else:
-                held.append(buf)
+        held = [same[i] for i in range(len(same)) if _refs(same, i) != _FREE]
+        _kept[0] -= nbytes * (len(same) - len(held))
         same[:] = held
 
 

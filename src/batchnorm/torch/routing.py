@@ -50,7 +50,7 @@ CPU_MIN_NUMEL: dict[tuple[str, int], int] = {
     ("2d", 2): 4_194_304,  # crossover.py said 2**20 (1.19x; 1.00x at 2**21), but the drop-in
     # bench then lost 0.88x at 2**20 against a PyTorch without page faults: only 2**22 (1.11x)
 }
-LAYOUTS = ("contiguous", "channels_last", "2d")
+LAYOUTS = tuple(dict.fromkeys(name for name, _ in CPU_MIN_NUMEL))  # the table's layouts
 # Eval forwards (batch_norm with training=False) stay with PyTorch at every size: at the
 # drop-in level its eval kernel was as fast as ours or faster on every bench case
 # (benchmarks/results/bench-dropin.json: torch/ours 0.62-0.98), the pass being one read and

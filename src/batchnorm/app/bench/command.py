@@ -106,7 +106,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    if getattr(args, "malloc", "default") == "keep":
+    if args.malloc == "keep":
         env.update({name: str(KEEP_BYTES) for name in MALLOC_KEEP})
     malloc = ", ".join(f"{n}={env[n]}" for n in MALLOC_KEEP if n in env) or "glibc's default"
     return {"threads": threads, "backends": backends, "env": env, "malloc": malloc,

@@ -144,14 +144,13 @@ def run(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     worlds = tuple(args.sync_worlds or DEFAULT_WORLDS)
     engine = args.engine or os.environ.get("BATCHNORM_SYNC_ENGINE", "mpi")
     backend, threads = opts["backends"][0], opts["threads"]
-    if args.omp_wait_policy:  # the processes launched inherit it
-        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    os.environ.update(opts["env"])  # the processes launched inherit the bench's settings
     rows = measure(worlds, batch=args.sync_batch, dtype=args.dtype, rounds=args.repeats,
                    engine=engine, backend=backend, threads=threads)
     title = (f"SyncBatchNorm training step: Fig. 1 MLP {'-'.join(map(str, SIZES))}, batch "
              f"{args.sync_batch} per process, {args.dtype}, {engine}, {backend} backend, "
              f"{threads} thread(s) per process, {os.cpu_count()} cores, OMP_WAIT_POLICY "
-             f"{opts['omp_wait_policy']}")
+             f"{opts['omp_wait_policy']}, malloc: {opts['malloc']}")
     print(_table(rows, title))
     if args.json:
         with open(args.json, "w") as f:
