@@ -1,6 +1,6 @@
 """Cold start: the first BatchNorm2d(64) forward+backward on (32, 64, 56, 56) in new processes.
 
-    .venv/bin/python benchmarks/cold_start.py [--processes 3] [--cache-dir DIR]
+    .venv/bin/python benchmarks/cold_start.py [--processes 3] [--cache-dir DIR] [--json PATH]
 
 Runs one process after another on the same compiled-kernel cache (a fresh temporary
 directory unless ``--cache-dir`` is given): the first compiles what the call needs, the
@@ -39,7 +39,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=3)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--json", default=None, help="also write the per-process results here")
     args = parser.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "BATCHNORM_CACHE_DIR": args.cache_dir or tmp}
         print(f"cache directory: {env['BATCHNORM_CACHE_DIR']}, load {os.getloadavg()[:2]}")
@@ -48,10 +50,16 @@ def main() -> None:
                 [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(r)
             print(
                 f"process {i + 1}: import {r['import_s']:.2f} s, first fwd+bwd "
                 f"{r['first_fwd_bwd_s']:.2f} s, cache {r['cache']}"
             )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"empty cache first": args.cache_dir is None, "processes": rows}, fh,
+                      indent=1)
+            fh.write("\n")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ glibc gives the memory of large freed arrays back to the operating system (``mun
 trimming the top of the heap) depending on what else the heap holds, and the next call's
 output then takes a page fault per 4 KiB, each page zeroed by the kernel. Measured here:
 a (256, 1024) float32 training forward + backward took 0.96 ms with 480 faults a call in one
-process and 0.25 ms with none in another, the same code (PyTorch's own batch norm moves
-between 0.26 and 0.90 ms for the same reason; ``benchmarks/page_faults.py``).
+process and 0.25 ms with none in another, the same code (PyTorch's own batch norm: 0.27 ms
+without faults, 1.0 ms with them; ``benchmarks/page_faults.py``).
 
 :func:`empty_like` hands out arrays whose memory this module keeps: a buffer is given out
 again once no array refers to it any more (its reference count), so a training loop reuses

@@ -90,8 +90,8 @@ BLOCK = 4096  # segment elements per two-pass block (a float32 block is 16 KiB: 
 PARALLEL_MIN = 1 << 17
 # The channel-parallel fused passes (segments) pay from smaller arrays: a thread takes whole
 # channel groups, no rows to merge, and short segments cost more compute per byte (fwd+bwd,
-# 2 threads, serial/parallel: 0.99 at 12,544 elements, 1.03-1.09 at 16-19K, 1.14-1.27 at
-# 25-50K, 1.5 at 100K on 7x7 to 28x28 maps; benchmarks in docs/performance.md).
+# 2 threads, serial/parallel: 1.04 at 18,816 elements, 1.15 at 25K, 1.23 at 50K, 1.36-1.49
+# at 100K on 7x7 to 28x28 maps; benchmarks/parallel_min.py).
 FUSED_PARALLEL_MIN = 1 << 14
 # Fused passes (fused.py) take channels in groups whose rows of x (and dy) fit in
 # FUSE_MAX_BYTES, so that the second pass reads them from cache (L2 is 2 MiB a core here,
