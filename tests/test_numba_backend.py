@@ -166,6 +166,35 @@ def test_big_mean_float32_is_stable(path: str, shape3: tuple[int, int, int]) -> 
     assert np.abs(y - y64).max() < 1e-4
 
 
+@pytest.mark.parametrize("offset", [5.0, 1e4])
+def test_rows_float32_passes_stay_within_ulps_of_their_terms(path: str, offset: float) -> None:
+    """The rows passes compute float32 in float32 (the mean's rounding folded into the
+    constant term): each result within a few float32 ulps of its largest term, mean 1e4
+    included (without the fold, x - mean would be off by half an ulp of 1e4, 5e-4)."""
+    rng = np.random.default_rng(4)
+    shape3 = (64, 5, 3)
+    x64 = offset + rng.standard_normal(shape3)
+    x = x64.astype(np.float32)
+    dy = rng.standard_normal(shape3).astype(np.float32)
+    mean = x.astype(np.float64).mean(axis=(0, 2)) + 1e-3 * rng.standard_normal(5)
+    p, q, r = (rng.standard_normal(5) for _ in range(3))
+    xm = x.astype(np.float64) - mean[None, :, None]
+    g = dy.astype(np.float64)
+    eps = np.finfo(np.float32).eps
+    cases = (
+        (nb.normalize(x, mean, p, q), xm * p[:, None] + q[:, None], (xm * p[:, None], q[:, None])),
+        (
+            nb.grad_input(dy, x, mean, p, q, r),
+            g * p[:, None] + xm * q[:, None] + r[:, None],
+            (g * p[:, None], xm * q[:, None], r[:, None]),
+        ),
+    )
+    for got, want, terms in cases:
+        assert got.dtype == np.float32
+        bound = 4 * eps * sum(np.abs(t) for t in terms)
+        assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+
+
 @pytest.mark.parametrize("shape", [(6, 3), (2, 3, 40)], ids=str)
 def test_nan_reaches_the_check(path: str, shape: tuple[int, ...]) -> None:
     x, _ = _data(shape, np.float32)

@@ -12,9 +12,11 @@ array; the package is split by what the kernels do:
 - :mod:`.cache`: compiled kernels kept on disk, safe with many processes at once.
 
 Statistics are exact and stable (two-pass blocks merged with Chan's formula); everything
-accumulates in float64, and the elementwise passes compute in float64 and round once to
-x's dtype. Importing this package without numba raises ImportError, which
-:func:`batchnorm.kernels.available` reports as an absent implementation.
+accumulates in float64. The segments passes compute each element in float64 and round once
+to x's dtype; the rows passes compute in x's dtype from coefficients rounded once, the
+mean's rounding folded into the constant term (:func:`.rows.columns`). Importing this
+package without numba raises ImportError, which :func:`batchnorm.kernels.available` reports
+as an absent implementation.
 """
 
 from __future__ import annotations

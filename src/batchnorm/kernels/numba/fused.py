@@ -147,11 +147,10 @@ def _rows_backward(
     s1, s2 = rows.grad_sums_inline(dy, x, mean, outer, channels, inner, chunks)
     sum_dy[:] = s1
     sum_dy_xmu[:] = s2
-    mean_w = np.repeat(mean, inner)
-    a, b, c = grad_coefficients(weight, rstd, sum_dy, sum_dy_xmu, count)
-    aw = np.repeat(a, inner)
-    bw = np.repeat(b, inner)
-    cw = np.repeat(c, inner)
+    a, b, c = np.empty(channels), np.empty(channels), np.empty(channels)
+    for k in range(channels):  # per channel: no temporaries, one loop
+        a[k], b[k], c[k] = grad_coefficients(weight[k], rstd[k], sum_dy[k], sum_dy_xmu[k], count)
+    mean_w, aw, bw, cw = rows.columns(ops.GRAD_INPUT, x, mean, a, b, c, inner)
     for t in prange(chunks):
         rows.grad_input_chunk(x, dy, mean_w, aw, bw, cw, dx, outer, t, chunks)
 
@@ -182,9 +181,7 @@ def training_passes(rows_layout: bool) -> tuple[Kernel, Kernel]:
             momentum, rstd, scale, shift,
         )  # fmt: skip
         if rows_layout:
-            m = np.repeat(mean, inner)
-            s = np.repeat(scale, inner)
-            b = np.repeat(shift, inner)
+            m, s, b, _ = rows.columns(ops.NORMALIZE, x, mean, scale, shift, shift, inner)
             for t in prange(chunks):
                 rows.normalize_chunk(x, x, m, s, b, b, y, outer, t, chunks)
         return ok

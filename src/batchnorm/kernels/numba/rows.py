@@ -31,6 +31,8 @@ def _merge_into(n_a: Any, mean: Any, m2: Any, n_b: Any, mean_b: Any, m2_b: Any) 
 @jit
 def _fold_columns(n: Any, mean_w: Any, m2_w: Any, channels: int, inner: int) -> Any:
     """Columns c*inner + i (i < inner), each with n values, folded into channel c."""
+    if inner == 1:  # 2-D and channels-last: a column is a channel
+        return mean_w, m2_w
     mean = np.empty(channels)
     m2 = np.empty(channels)
     for c in range(channels):
@@ -51,6 +53,11 @@ def _fold_columns(n: Any, mean_w: Any, m2_w: Any, channels: int, inner: int) -> 
 def fold_sums(sums: Any, channels: int, inner: int) -> Any:
     """(T, C*inner) partial sums -> (C,) totals."""
     out = np.zeros(channels)
+    if inner == 1:  # a column is a channel
+        for t in range(sums.shape[0]):
+            for c in range(channels):
+                out[c] += sums[t, c]
+        return out
     for t in range(sums.shape[0]):
         for c in range(channels):
             s = 0.0
@@ -127,11 +134,10 @@ def chunk_stats(x: Any, outer: int, width: int, t: int, chunks: int, mean: Any, 
 @jit
 def merge_chunks(counts: Any, means: Any, m2s: Any, channels: int, inner: int) -> Any:
     """Per-channel (mean, m2) from the chunks' per-column partials."""
-    width = channels * inner
-    n = 0.0
-    mean_w = np.zeros(width)
-    m2_w = np.zeros(width)
-    for t in range(counts.shape[0]):
+    n = counts[0]
+    mean_w = means[0].copy()
+    m2_w = m2s[0].copy()
+    for t in range(1, counts.shape[0]):
         n = _merge_into(n, mean_w, m2_w, counts[t], means[t], m2s[t])
     return _fold_columns(n, mean_w, m2_w, channels, inner)
 
@@ -193,7 +199,7 @@ def apply(kind: int) -> Any:
     """Compiled ``out = formula(x, dy, mean, p, q, r)`` over chunk t's rows, per-column vectors.
 
     One template for normalize and grad_input (``kind``, see :mod:`.ops`), each compiled as
-    if written out.
+    if written out. The vectors come from :func:`columns`, in x's dtype.
     """
 
     def chunk(
@@ -207,6 +213,38 @@ def apply(kind: int) -> Any:
                 out[i] = ops.formula(kind, x[i], dy[i], m[j], p[j], q[j], r[j])
 
     return jit(chunk)
+
+
+@jit
+def columns(kind: int, x: Any, mean: Any, p: Any, q: Any, r: Any, inner: int) -> Any:
+    """Per-channel float64 (mean, p, q, r) as per-column vectors in x's dtype.
+
+    The rows passes compute in x's dtype: a column's coefficients are loaded once per row,
+    and float64 ones (converted, four to a vector) made a float32 pass up to 20% slower.
+    The mean is rounded to x's dtype and its rounding folded into the constant term
+    (``q`` of normalize, ``r`` of grad_input), so ``x - mean`` keeps its digits when the
+    mean is large: the result is within a few of x's ulps of the largest term.
+    """
+    channels = mean.shape[0]
+    m = np.empty(channels, x.dtype)
+    pw = np.empty(channels, x.dtype)
+    qw = np.empty(channels, x.dtype)
+    rw = np.empty(channels, x.dtype)
+    for c in range(channels):
+        m[c] = mean[c]
+        pw[c] = p[c]
+        qw[c] = q[c]
+        rw[c] = r[c]
+    # (x - m) = (x - mean) + (m - mean): the constant term pays the rounding back
+    if kind == ops.NORMALIZE:
+        for c in range(channels):
+            qw[c] = q[c] + (m[c] - mean[c]) * p[c]
+    else:
+        for c in range(channels):
+            rw[c] = r[c] + (m[c] - mean[c]) * q[c]
+    if inner == 1:
+        return m, pw, qw, rw
+    return np.repeat(m, inner), np.repeat(pw, inner), np.repeat(qw, inner), np.repeat(rw, inner)
 
 
 normalize_chunk = apply(ops.NORMALIZE)
@@ -229,10 +267,7 @@ def elementwise(kind: int) -> Kernel:
         inner: int,
         chunks: int,
     ) -> None:
-        m = np.repeat(mean, inner)
-        pw = np.repeat(p, inner)
-        qw = np.repeat(q, inner)
-        rw = np.repeat(r, inner)
+        m, pw, qw, rw = columns(kind, x, mean, p, q, r, inner)
         for t in prange(chunks):
             if kind == ops.NORMALIZE:
                 normalize_chunk(x, dy, m, pw, qw, rw, out, outer, t, chunks)
