@@ -45,8 +45,10 @@ def _step(fn: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor,
     rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
 
     def run() -> None:
+        # the gradients handed back, as to the layer below; none accumulated into x.grad (an
+        # input of a network's inner layer is no leaf), which added a pass over x to each side
         y = fn(x, rm, rv, w, b, True, 0.1, 1e-5)
-        torch.autograd.backward(y, dy)
+        torch.autograd.grad(y, (x, w, b), dy)
 
     return run
 

@@ -35,20 +35,19 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_ON_CPU = False
 # Below the crossover PyTorch's CPU kernel is faster: the Python around ours (validation, NumPy
 # views, the autograd Function, about 0.1 ms a training step) costs more than the pass saves.
-# Elements of x, by (layout, threads), for a float32 training step (forward + backward),
-# measured by benchmarks/crossover.py (2**11 to 2**22 elements, quiet machine, numba on the
-# omp layer; benchmarks/results/crossover.json for "contiguous" and "channels_last",
-# (N, 64, H, W), and crossover-2d.json for "2d", (N, 256)); where ours never won in that
-# range the table says 2**22 (one thread: channels-last 0.98x there, 2-D 0.90x). More
-# threads use the largest entry.
+# Elements of x, by (layout, threads), for a float32 training step (forward, then the
+# gradients handed back by torch.autograd.grad), measured by benchmarks/crossover.py (2**11 to
+# 2**22 elements, (N, 64, H, W) and (N, 256), default environment, numba on the omp layer),
+# twice: benchmarks/results/crossover.json and crossover-repeat.json. Where ours did not win
+# in both runs the table says 2**22, the largest size measured (ties there: channels-last
+# 0.97-1.04x, 2-D 0.94-1.04x). More threads use the largest entry.
 CPU_MIN_NUMEL: dict[tuple[str, int], int] = {
-    ("contiguous", 1): 524_288,
+    ("contiguous", 1): 262_144,  # 1.16-1.28x there, 0.71-0.73x at 2**17
     ("channels_last", 1): 4_194_304,
-    ("2d", 1): 4_194_304,  # never won (0.87-1.04x up to 2**22)
-    ("contiguous", 2): 524_288,
+    ("2d", 1): 4_194_304,
+    ("contiguous", 2): 524_288,  # 1.06-1.14x there, 0.86-0.91x at 2**18
     ("channels_last", 2): 4_194_304,
-    ("2d", 2): 4_194_304,  # crossover.py said 2**20 (1.19x; 1.00x at 2**21), but the drop-in
-    # bench then lost 0.88x at 2**20 against a PyTorch without page faults: only 2**22 (1.11x)
+    ("2d", 2): 4_194_304,
 }
 LAYOUTS = tuple(dict.fromkeys(name for name, _ in CPU_MIN_NUMEL))  # the table's layouts
 # Eval forwards (batch_norm with training=False) stay with PyTorch at every size: at the
