@@ -25,6 +25,7 @@ import numpy as np
 
 from batchnorm.kernels import buffers
 from batchnorm.kernels.numba import cache, config, fused, plan, rows, segments
+from batchnorm.kernels.numba.config import float64s
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -32,9 +33,6 @@ _normalize = {True: rows.normalize, False: segments.normalize}
 _grad_input = {True: rows.grad_input, False: segments.grad_input}
 _NONE = np.empty(0)  # no running buffers
 
-
-def _vec(v: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(v, dtype=np.float64)
 
 
 def _same(a: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -55,9 +53,10 @@ def normalize(x3: np.ndarray, mean: np.ndarray, scale: np.ndarray, shift: np.nda
     x3 = np.ascontiguousarray(x3)
     out = buffers.empty_like(x3)
     x = x3.reshape(-1)
-    shift = _vec(shift)
+    shift = float64s(shift)
     _normalize[plan.use_rows(x3)](
-        x, x, _vec(mean), _vec(scale), shift, shift, out.reshape(-1), *x3.shape, plan.chunks(x3)
+        x, x, float64s(mean), float64s(scale), shift, shift, out.reshape(-1), *x3.shape,
+        plan.chunks(x3),
     )
     return out
 
@@ -67,7 +66,7 @@ def grad_sums(dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray) -> tuple[np.nda
     dy3 = _same(dy3, x3)
     family = rows if plan.use_rows(x3) else segments
     return family.grad_sums(  # type: ignore[no-any-return]
-        dy3.reshape(-1), x3.reshape(-1), _vec(mean), *x3.shape, plan.chunks(x3)
+        dy3.reshape(-1), x3.reshape(-1), float64s(mean), *x3.shape, plan.chunks(x3)
     )
 
 
@@ -82,7 +81,7 @@ def grad_input(
     x3 = np.ascontiguousarray(x3)
     dy3 = _same(dy3, x3)
     out = buffers.empty_like(x3)
-    args = (_vec(mean), _vec(a), _vec(b), _vec(c), out.reshape(-1))
+    args = (float64s(mean), float64s(a), float64s(b), float64s(c), out.reshape(-1))
     _grad_input[plan.use_rows(x3)](
         x3.reshape(-1), dy3.reshape(-1), *args, *x3.shape, plan.chunks(x3)
     )
@@ -95,7 +94,7 @@ def _running(a: np.ndarray | None) -> np.ndarray:
         return _NONE
     if a.dtype in DTYPES and a.flags.c_contiguous and a.flags.writeable:
         return a
-    return _vec(a)
+    return float64s(a)
 
 
 def fused_forward(
@@ -116,8 +115,8 @@ def fused_forward(
     if not chunks:
         return None
     outer, channels, inner = x3.shape
-    w = np.ones(channels) if weight is None else _vec(weight)
-    b = np.zeros(channels) if bias is None else _vec(bias)
+    w = np.ones(channels) if weight is None else float64s(weight)
+    b = np.zeros(channels) if bias is None else float64s(bias)
     rm, rv = _running(running_mean), _running(running_var)
     x = np.ascontiguousarray(x3).reshape(-1)
     y3 = buffers.empty_like(x3)
@@ -151,12 +150,13 @@ def fused_backward(
     x = np.ascontiguousarray(x3)
     dy = _same(dy3, x)
     channels = x3.shape[1]
-    w = np.ones(channels) if weight is None else _vec(weight)
+    w = np.ones(channels) if weight is None else float64s(weight)
     dx3 = buffers.empty_like(x)
     sum_dy = np.empty(channels)
     sum_dy_xmu = np.empty(channels)
     args = (
-        dy.reshape(-1), x.reshape(-1), _vec(mean), _vec(rstd), w, dx3.reshape(-1), sum_dy,
+        dy.reshape(-1), x.reshape(-1), float64s(mean), float64s(rstd), w, dx3.reshape(-1),
+        sum_dy,
         sum_dy_xmu, float(max(count, 1)), *x3.shape,
     )  # fmt: skip
     fused.backward[group == 0](*args, group, chunks)

@@ -112,6 +112,11 @@ CHUNKS: int | None = None  # force the number of chunks (tests); None: numba's t
 U = np.uintp
 
 
+def float64s(v: Any) -> np.ndarray:
+    """``v`` as the C-contiguous float64 vector the kernels take (no copy when it is one)."""
+    return np.ascontiguousarray(v, dtype=np.float64)
+
+
 def jit(fn: Any) -> Any:
     """``fn`` compiled with this package's serial flags (helpers called from kernels)."""
     return njit(**FLAGS)(fn)

@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from batchnorm.kernels import buffers
 from batchnorm.kernels.numba import config
-from batchnorm.kernels.numba.config import FLAGS, Parallel
+from batchnorm.kernels.numba.config import FLAGS, Parallel, float64s
 from batchnorm.kernels.numba.config import grad_coefficients as _grad_coefficients
 from batchnorm.kernels.numba.config import inverse_std as _inverse_std
 from batchnorm.kernels.relu import Backward, ReLUPasses, given
@@ -151,29 +151,27 @@ def _fused_backward(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, rstd: Any, 
 
 
 # --- the interface: batchnorm.kernels.relu.ReLUPasses over these kernels --------------------------
-def _vec(v: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(v, dtype=np.float64)
-
 
 def _relu_forward(x3: np.ndarray, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray,
                   residual3: np.ndarray | None) -> np.ndarray:
     y3 = buffers.empty_like(x3)
-    _normalize_relu(x3, _vec(mean), _vec(scale), _vec(shift), *given(residual3, x3), y3)
+    _normalize_relu(x3, float64s(mean), float64s(scale), float64s(shift), *given(residual3, x3),
+                    y3)
     return y3
 
 
 def _relu_sums(g: Backward) -> tuple[np.ndarray, np.ndarray]:
     chunks = max(1, min(config.num_threads(), g.x3.shape[0]))
-    s1, s2 = _relu_grad_sums(g.dy3, g.x3, *given(g.y3, g.x3), _vec(g.mean), _vec(g.scale),
-                             _vec(g.shift), chunks)
+    s1, s2 = _relu_grad_sums(g.dy3, g.x3, *given(g.y3, g.x3), float64s(g.mean), float64s(g.scale),
+                             float64s(g.shift), chunks)
     return s1, s2
 
 
 def _relu_input(g: Backward, a: np.ndarray, b: np.ndarray, c: np.ndarray, dx3: np.ndarray,
                 dz3: np.ndarray | None) -> None:
     dz, want_dz = given(dz3, dx3)  # dx3 stands in, never written
-    _relu_grad_input(g.dy3, g.x3, *given(g.y3, g.x3), _vec(g.mean), _vec(g.scale), _vec(g.shift),
-                     _vec(a), _vec(b), _vec(c), want_dz, dx3, dz)
+    _relu_grad_input(g.dy3, g.x3, *given(g.y3, g.x3), float64s(g.mean), float64s(g.scale),
+                     float64s(g.shift), float64s(a), float64s(b), float64s(c), want_dz, dx3, dz)
 
 
 _relu = ReLUPasses(_relu_forward, _relu_sums, _relu_input)
@@ -195,7 +193,8 @@ def fused_forward_relu(
     channels = x3.shape[1]
     y3 = buffers.empty_like(x3)
     mean, m2 = np.empty(channels), np.empty(channels)
-    _fused_forward(x3, _vec(weight), _vec(bias), float(eps), *given(residual3, x3), y3, mean, m2)
+    _fused_forward(x3, float64s(weight), float64s(bias), float(eps), *given(residual3, x3), y3,
+                   mean, m2)
     return y3, mean, m2
 
 
@@ -211,6 +210,6 @@ def fused_backward_relu(
     dx3 = buffers.empty_like(x3)
     dz3 = buffers.empty_like(dy3) if want_dz else dx3  # dx3 stands in, never written
     s1, s2 = np.empty(channels), np.empty(channels)
-    _fused_backward(dy3, x3, *given(y3, x3), _vec(mean), _vec(rstd), _vec(weight), _vec(bias),
-                    count, want_dz, dx3, dz3, s1, s2)
+    _fused_backward(dy3, x3, *given(y3, x3), float64s(mean), float64s(rstd), float64s(weight),
+                    float64s(bias), count, want_dz, dx3, dz3, s1, s2)
     return dx3, (dz3 if want_dz else None), s1, s2
