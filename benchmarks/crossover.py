@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import batchnorm.torch as bt
+from batchnorm.app.bench.timing import alternated
 from batchnorm.torch import routing
 
 CHANNELS = 64
@@ -62,13 +62,7 @@ def time_pair(shape: tuple[int, ...], channels_last: bool, repeats: int) -> dict
     b = torch.zeros(shape[1], requires_grad=True)
     dy = torch.randn_like(x)
     fns = {"torch": _step(F.batch_norm, x, w, b, dy), "ours": _step(bt.batch_norm, x, w, b, dy)}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(repeats + 5):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if i >= 5:
-                times[name].append(time.perf_counter() - t0)
+    times = alternated(fns, repeats, warmup=5)
     return {k: 1e6 * statistics.median(v) for k, v in times.items()}
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import statistics
-import time
 
 import torch
 from torch import nn
 
 import batchnorm.torch as bt
+from batchnorm.app.bench.timing import alternated
 
 
 class Block(nn.Module):
@@ -100,16 +99,7 @@ def measure(name: str, layout: str, rounds: int, control: bool = False) -> dict[
             opt.step()
 
         steps[label] = step
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    order = list(steps)
-    shuffle = random.Random(0)
-    for i in range(rounds + 2):
-        shuffle.shuffle(order)  # a fixed order favours one side (measured: up to 4%)
-        for label in order:
-            t0 = time.perf_counter()
-            steps[label]()
-            if i >= 2:
-                times[label].append(time.perf_counter() - t0)
+    times = alternated(steps, rounds)  # shuffled: a fixed order favoured one side, up to 4%
     ratios = [n / c for n, c in zip(times["native"], times["converted"], strict=True)]
     out: dict[str, object] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     out["round_ratio_quartiles"] = quartiles(ratios)

@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from e2e_cpu import resnet18  # this folder's end-to-end script: one ResNet-18 f
 from torch import nn
 
 import batchnorm.torch as bt
+from batchnorm.app.bench.timing import alternated
 
 
 def step_fn(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
@@ -42,15 +42,7 @@ def step_fn(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
 
 def alternate(contenders: dict[str, Callable[[], None]], reps: int, warmup: int = 2
               ) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(warmup):
-        for fn in contenders.values():
-            fn()
-    for _ in range(reps):
-        for name, fn in contenders.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = alternated(contenders, reps, warmup)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 

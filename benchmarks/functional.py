@@ -13,9 +13,7 @@ contenders run round by round in a shuffled order after a warm-up; the table giv
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 
 import batchnorm as bn
 from batchnorm import functional as F
+from batchnorm.app.bench.timing import alternated
 
 CASES = [
     (60, 100),
@@ -69,18 +68,7 @@ def contenders(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Callable[[]
 def measure(
     fns: dict[str, Callable[[], object]], repeats: int, stat: Callable[[list[float]], float]
 ) -> dict[str, float]:
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    order = random.Random(0)
-    items = list(fns.items())
-    for _ in range(repeats):
-        order.shuffle(items)
-        for name, fn in items:
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = alternated(fns, repeats, warmup=3)
     return {k: stat(v) * 1e6 for k, v in times.items()}
 
 

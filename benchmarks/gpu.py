@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 import batchnorm.torch as bt
+from batchnorm.app.bench.timing import alternated
 
 SHAPES = [(32, 64, 112, 112), (64, 256, 56, 56), (128, 2048, 7, 7)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -35,26 +35,22 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2)}  # atol, rtol 
 
 
 def _time(fns: dict[str, Callable[[], object]], repeats: int, cuda: bool) -> dict[str, float]:
-    """Median ms per function; the functions alternate within every round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(3):  # warm-up: Triton compiles on first call
-        for fn in fns.values():
-            fn()
-    if cuda:
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if not cuda:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(1e3 * (time.perf_counter() - t0))
-                continue
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times[name].append(start.elapsed_time(stop))
+    """Median ms per function; the functions alternate within every round (3 warm-up
+    rounds: Triton compiles on first call). On a GPU each call is timed by device events."""
+    if not cuda:
+        times = alternated(fns, repeats, warmup=3)
+        return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def on_device(fn: Callable[[], object]) -> float:
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return float(start.elapsed_time(stop))
+
+    torch.cuda.synchronize()
+    times = alternated(fns, repeats, warmup=3, timer=on_device)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

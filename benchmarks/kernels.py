@@ -11,15 +11,13 @@ which is the steadier figure on a machine shared with other jobs.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 from collections.abc import Callable
 
 import numba
 import numpy as np
 
-from batchnorm.app.bench.timing import DEFAULT_CASES, parse_case
+from batchnorm.app.bench.timing import DEFAULT_CASES, alternated, parse_case
 from batchnorm.kernels import numba as nb
 
 
@@ -49,18 +47,7 @@ def time_case(fns: dict[str, Callable[[], object]], repeats: int, use_min: bool)
     A fixed order favours a kernel that follows another pass over x (x is then warm in
     cache); ``batchnorm bench`` shuffles for the same reason.
     """
-    for fn in fns.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    order = random.Random(0)
-    items = list(fns.items())
-    for _ in range(repeats):
-        order.shuffle(items)
-        for k, fn in items:
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
+    times = alternated(fns, repeats)
     stat = min if use_min else statistics.median
     ms = {k: 1e3 * stat(ts) for k, ts in times.items()}
     cp = ms["memcpy"]

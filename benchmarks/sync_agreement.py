@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any
 
 import numpy as np
 
+from batchnorm.app.bench.timing import alternated
 from batchnorm.distributed import SyncBatchNorm
 from batchnorm.distributed.launch import Context, launch
 
@@ -38,15 +38,9 @@ def measure(ctx: Context, payload: dict[str, Any]) -> dict[str, float]:
 
     fns = {name: (lambda f=f, b=b: f(b)) for name, (f, b) in bufs.items()}
     fns["SyncBatchNorm fwd+bwd"] = step
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for i in range(rounds + 20):
-        for k in range(len(names)):  # alternated, the first one rotating: whichever comes
-            name = names[(i + k) % len(names)]  # first absorbs the ranks' skew
-            t0 = time.perf_counter()
-            fns[name]()
-            if i >= 20:
-                times[name].append(time.perf_counter() - t0)
+    # shuffled the same way on every rank (seeded): whichever comes first in a round
+    # absorbs the ranks' skew, and that is a different one from round to round
+    times = alternated(fns, rounds, warmup=20)
     return {name: 1e6 * statistics.median(t) for name, t in times.items()}
 
 

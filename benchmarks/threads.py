@@ -26,6 +26,7 @@ def time_case(shape: tuple[int, ...], repeats: int) -> str:
     import torch
 
     from batchnorm import functional as F
+    from batchnorm.app.bench.timing import alternated
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
@@ -45,15 +46,8 @@ def time_case(shape: tuple[int, ...], repeats: int) -> str:
         F.batch_norm_backward(dy, cache)
 
     steps = (("torch", torch_step), ("ours", our_step))
-    for _, fn in steps * 3:
-        fn()
-    times: dict[str, list[float]] = {"torch": [], "ours": []}
+    times = alternated(dict(steps), repeats, warmup=3)  # back to back, as in a training loop
     spin: dict[str, list[float]] = {"torch": [], "ours": []}
-    for _ in range(repeats):  # timed rounds back to back, as in a training loop
-        for name, fn in steps:
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
     for _ in range(repeats):  # then the spinning, apart (a sleep lets the pool doze off)
         for name, fn in steps:
             fn()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,33 @@ def time_once(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def alternated(
+    fns: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int = 2,
+    timer: Callable[[Callable[[], Any]], float] = time_once,
+) -> dict[str, list[float]]:
+    """Each function's time per call, ``rounds`` of them: after ``warmup`` untimed rounds,
+    every round calls each once in an order shuffled every round (seeded: a rerun, or every
+    rank of a distributed run, uses the same orders). ``timer`` times one call (default
+    the wall clock, in seconds; a GPU script passes one with device events).
+
+    The timing loop of the scripts in ``benchmarks/``; the bench's own :func:`alternate`
+    also counts page faults per pass.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    items = list(fns.items())
+    order = random.Random(0)
+    for _ in range(rounds):
+        order.shuffle(items)
+        for name, fn in items:
+            times[name].append(timer(fn))
+    return times
 
 
 def warm_up(contenders: list[Contender]) -> float:
