@@ -43,7 +43,8 @@ def _group_pass(
 ) -> None:  # fmt: skip
     """The elementwise pass ``kind`` over the group of channels c0 .. c0 + width - 1, row
     by row (mean per channel; p, q, r per channel of the group)."""
-    for o in range(outer):
+    for k in range(outer):
+        o = outer - 1 - k  # last row first: what the reducing pass read last is in cache
         base = (o * channels + c0) * inner
         for j in range(width):
             mc = mean[c0 + j]
