@@ -209,8 +209,8 @@ def apply(kind: int) -> Any:
         first = outer * t // chunks
         last = outer * (t + 1) // chunks - 1
         # last row first: the statistics or sums pass before this one went first to last, so
-        # the rows it read last are the ones still in cache (fwd+bwd 5-12% faster where a
-        # thread's rows outgrow L2: (1024, 512), (4096, 256), channels-last)
+        # the rows it read last are the ones still in cache (pays where a thread's rows
+        # outgrow L2; docs/performance.md)
         for k in range(last - first + 1):
             row = last - k
             base = U(row * width)
@@ -226,7 +226,8 @@ def columns(kind: int, x: Any, mean: Any, p: Any, q: Any, r: Any, inner: int) ->
     """Per-channel float64 (mean, p, q, r) as per-column vectors in x's dtype.
 
     The rows passes compute in x's dtype: a column's coefficients are loaded once per row,
-    and float64 ones (converted, four to a vector) made a float32 pass up to 20% slower.
+    and float64 ones (converted, four to a vector) slowed a float32 pass
+    (docs/performance.md).
     The mean is rounded to x's dtype and its rounding folded into the constant term
     (``q`` of normalize, ``r`` of grad_input), so ``x - mean`` keeps its digits when the
     mean is large: the result is within a few of x's ulps of the largest term.
