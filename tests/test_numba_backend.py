@@ -195,6 +195,20 @@ def test_rows_float32_passes_stay_within_ulps_of_their_terms(path: str, offset: 
         assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
 
 
+def test_rows_passes_keep_infinite_and_huge_means_as_float64_does(path: str) -> None:
+    """Eval normalize with running means inf, -inf, 1e300 (beyond float32) and NaN: the
+    float32 rows pass gives what the float64 formula rounded to float32 gives (the fold of
+    the mean's rounding must not turn inf into NaN)."""
+    x = np.linspace(-2.0, 2.0, 64, dtype=np.float32).reshape(16, 4, 1)
+    mean = np.array([np.inf, -np.inf, 1e300, np.nan])
+    scale, shift = np.array([1.0, 2.0, 0.5, 1.0]), np.array([0.5, -1.0, 3.0, 0.0])
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = ((x.astype(np.float64) - mean[None, :, None]) * scale[None, :, None]
+                + shift[None, :, None]).astype(np.float32)  # fmt: skip
+    got = nb.normalize(x, mean, scale, shift)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("shape", [(6, 3), (2, 3, 40)], ids=str)
 def test_nan_reaches_the_check(path: str, shape: tuple[int, ...]) -> None:
     x, _ = _data(shape, np.float32)

@@ -242,13 +242,17 @@ def columns(kind: int, x: Any, mean: Any, p: Any, q: Any, r: Any, inner: int) ->
         pw[c] = p[c]
         qw[c] = q[c]
         rw[c] = r[c]
-    # (x - m) = (x - mean) + (m - mean): the constant term pays the rounding back
-    if kind == ops.NORMALIZE:
-        for c in range(channels):
-            qw[c] = q[c] + (m[c] - mean[c]) * p[c]
-    else:
-        for c in range(channels):
-            rw[c] = r[c] + (m[c] - mean[c]) * q[c]
+    # (x - m) = (x - mean) + (m - mean): the constant term pays the rounding back. A mean
+    # that is not finite, or overflows x's dtype, has no rounding to pay: inf stays inf
+    # (as the float64 formula gives) instead of becoming inf - inf = NaN
+    for c in range(channels):
+        off = m[c] - mean[c]
+        if not abs(off) < np.inf:  # np.isfinite(off) compiled to always-true here (reassoc)
+            off = 0.0
+        if kind == ops.NORMALIZE:
+            qw[c] = q[c] + off * p[c]
+        else:
+            rw[c] = r[c] + off * q[c]
     if inner == 1:
         return m, pw, qw, rw
     return np.repeat(m, inner), np.repeat(pw, inner), np.repeat(qw, inner), np.repeat(rw, inner)
