@@ -69,7 +69,9 @@ def batch_coefficients(
     """
     bad = False
     for c in range(mean.shape[0]):  # no early exit: the loop vectorizes (2x on C = 1024)
-        bad |= not np.isfinite(mean[c])
+        # a comparison, not np.isfinite: numba tests ord(x - x), which reassociation may
+        # fold to true (it did for a difference, in rows.columns)
+        bad |= not abs(mean[c]) < np.inf
         rstd[c] = inverse_std(m2[c] / count, eps)
         scale[c] = weight[c] * rstd[c]
         shift[c] = bias[c]

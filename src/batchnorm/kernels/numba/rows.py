@@ -247,7 +247,7 @@ def columns(kind: int, x: Any, mean: Any, p: Any, q: Any, r: Any, inner: int) ->
     # (as the float64 formula gives) instead of becoming inf - inf = NaN
     for c in range(channels):
         off = m[c] - mean[c]
-        if not abs(off) < np.inf:  # np.isfinite(off) compiled to always-true here (reassoc)
+        if not abs(off) < np.inf:  # not np.isfinite: see ops.batch_coefficients
             off = 0.0
         if kind == ops.NORMALIZE:
             qw[c] = q[c] + off * p[c]
