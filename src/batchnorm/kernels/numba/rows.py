@@ -4,7 +4,8 @@ The array is ``outer`` rows of ``W = C * inner`` columns. A thread takes a block
 accumulates per column, vectorized along the row; columns fold into channels and threads
 merge their partials at the end. Statistics take eight rows at a time in registers (an
 exact two-pass over the eight) and merge them, columns and threads with Chan's formula
-(:func:`batchnorm.math.chan_merge_step`), reading x from memory once.
+(:func:`batchnorm.math.chan_merge_step`), reading x from memory once. The gradient sums
+take eight rows a sweep too (one load and store of a column's sums per eight values).
 """
 
 from __future__ import annotations
@@ -160,20 +161,25 @@ def chunk_grad_sums(
     width = mean_w.shape[0]
     r = outer * t // chunks
     r_end = outer * (t + 1) // chunks
-    while r + 4 <= r_end:  # four rows per sweep: one load/store of a and b per four values
+    while r + 8 <= r_end:  # eight rows per sweep: one load/store of a and b per eight values
         b0, b1, b2, b3 = _four_rows(r, width)
+        b4, b5, b6, b7 = _four_rows(r + 4, width)
         for j in range(width):
             u = U(j)
             m = mean_w[j]
-            g0 = np.float64(dy[b0 + u])
-            g1 = np.float64(dy[b1 + u])
-            g2 = np.float64(dy[b2 + u])
-            g3 = np.float64(dy[b3 + u])
-            a[j] += (g0 + g1) + (g2 + g3)
-            b[j] += (g0 * (x[b0 + u] - m) + g1 * (x[b1 + u] - m)) + (
-                g2 * (x[b2 + u] - m) + g3 * (x[b3 + u] - m)
+            g0, g1 = np.float64(dy[b0 + u]), np.float64(dy[b1 + u])
+            g2, g3 = np.float64(dy[b2 + u]), np.float64(dy[b3 + u])
+            g4, g5 = np.float64(dy[b4 + u]), np.float64(dy[b5 + u])
+            g6, g7 = np.float64(dy[b6 + u]), np.float64(dy[b7 + u])
+            a[j] += ((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7))
+            b[j] += (
+                (g0 * (x[b0 + u] - m) + g1 * (x[b1 + u] - m))
+                + (g2 * (x[b2 + u] - m) + g3 * (x[b3 + u] - m))
+            ) + (
+                (g4 * (x[b4 + u] - m) + g5 * (x[b5 + u] - m))
+                + (g6 * (x[b6 + u] - m) + g7 * (x[b7 + u] - m))
             )
-        r += 4
+        r += 8
     while r < r_end:
         b0 = U(r * width)
         for j in range(width):
