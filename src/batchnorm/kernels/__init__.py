@@ -152,24 +152,33 @@ class threads:
     """
 
     def __init__(self, n: int) -> None:
-        self.previous = _set_threads(n)
+        self.previous = set_threads(n)
 
     def __enter__(self) -> threads:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
-            _set_threads(self.previous)
+            set_threads(self.previous)
 
 
-def _set_threads(n: int) -> int | None:
+_numba_config: list[Any] = []  # numba's config module once imported, or None without numba
+
+
+def set_threads(n: int) -> int | None:
+    """:class:`threads` as a call, for hot paths (the drop-in's every call): sets the count,
+    returns the previous one (None without numba)."""
     if int(n) < 1:
         raise ValueError(f"threads must be a positive integer, got {n!r}")
-    try:
-        from batchnorm.kernels.numba import config
-    except ImportError:
-        return None
-    return config.set_threads(n)
+    if not _numba_config:
+        try:
+            from batchnorm.kernels.numba import config
+        except ImportError:
+            _numba_config.append(None)
+        else:
+            _numba_config.append(config)
+    config = _numba_config[0]
+    return None if config is None else config.set_threads(n)  # type: ignore[no-any-return]
 
 
 def get(name: str = "auto", dtype: Any = None) -> Kernels:

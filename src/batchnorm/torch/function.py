@@ -34,7 +34,7 @@ def _use_torch_threads(backend: str) -> None:
     """Run the numba kernels with PyTorch's thread count (never oversubscribe the cores); the
     count is left so for the calling thread (restoring it cost 7 us a call)."""
     if backend == "numba":
-        kernels.threads(torch.get_num_threads())
+        kernels.set_threads(torch.get_num_threads())
 
 
 def _view(t: torch.Tensor, channels_last: bool | None) -> torch.Tensor:
