@@ -70,8 +70,8 @@ def measure(spec: str, rounds: int) -> dict[str, dict[str, float]]:
     fns = contenders(spec)
     times: dict[str, dict[str, list[float]]] = {m: {k: [] for k in fns} for m in MODES}
     # each contender and mode in a loop of its own: "warm" stays warm, and neither library
-    # runs between the other's calls (alternated in one process, each slowed the other:
-    # (256, 1024) ours 0.21 -> 0.31 ms, PyTorch 0.27 -> 0.69 ms)
+    # runs between the other's calls (alternated, each ran with the other's data in cache,
+    # and PyTorch's page faults came and went with our allocations)
     for mode in MODES:
         for name, (fwd, bwd) in fns.items():
             for i in range(rounds + 3):
