@@ -10,6 +10,7 @@ own except where they call, or name, the one in :mod:`batchnorm.math`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Any, Protocol, cast
@@ -162,7 +163,14 @@ class threads:
             set_threads(self.previous)
 
 
-_numba_config: list[Any] = []  # numba's config module once imported, or None without numba
+@functools.cache
+def _numba_config() -> Any:
+    """numba's config module, imported once; None without numba."""
+    try:
+        from batchnorm.kernels.numba import config
+    except ImportError:
+        return None
+    return config
 
 
 def set_threads(n: int) -> int | None:
@@ -170,14 +178,7 @@ def set_threads(n: int) -> int | None:
     returns the previous one (None without numba)."""
     if int(n) < 1:
         raise ValueError(f"threads must be a positive integer, got {n!r}")
-    if not _numba_config:
-        try:
-            from batchnorm.kernels.numba import config
-        except ImportError:
-            _numba_config.append(None)
-        else:
-            _numba_config.append(config)
-    config = _numba_config[0]
+    config = _numba_config()
     return None if config is None else config.set_threads(n)  # type: ignore[no-any-return]
 
 

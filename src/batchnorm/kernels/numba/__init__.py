@@ -34,7 +34,6 @@ _grad_input = {True: rows.grad_input, False: segments.grad_input}
 _NONE = np.empty(0)  # no running buffers
 
 
-
 def _same(a: np.ndarray, like: np.ndarray) -> np.ndarray:
     """``a`` as a C-contiguous array of ``like``'s dtype (no copy when it already is)."""
     return np.ascontiguousarray(a, dtype=like.dtype)
@@ -156,8 +155,7 @@ def fused_backward(
     sum_dy_xmu = np.empty(channels)
     args = (
         dy.reshape(-1), x.reshape(-1), float64s(mean), float64s(rstd), w, dx3.reshape(-1),
-        sum_dy,
-        sum_dy_xmu, float(max(count, 1)), *x3.shape,
+        sum_dy, sum_dy_xmu, float(max(count, 1)), *x3.shape,
     )  # fmt: skip
     fused.backward[group == 0](*args, group, chunks)
     return dx3, sum_dy, sum_dy_xmu

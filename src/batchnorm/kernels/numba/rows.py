@@ -54,11 +54,6 @@ def _fold_columns(n: Any, mean_w: Any, m2_w: Any, channels: int, inner: int) -> 
 def fold_sums(sums: Any, channels: int, inner: int) -> Any:
     """(T, C*inner) partial sums -> (C,) totals."""
     out = np.zeros(channels)
-    if inner == 1:  # a column is a channel
-        for t in range(sums.shape[0]):
-            for c in range(channels):
-                out[c] += sums[t, c]
-        return out
     for t in range(sums.shape[0]):
         for c in range(channels):
             s = 0.0
@@ -233,10 +228,10 @@ def columns(kind: int, x: Any, mean: Any, p: Any, q: Any, r: Any, inner: int) ->
 
     The rows passes compute in x's dtype: a column's coefficients are loaded once per row,
     and float64 ones (converted, four to a vector) slowed a float32 pass
-    (docs/performance.md).
-    The mean is rounded to x's dtype and its rounding folded into the constant term
-    (``q`` of normalize, ``r`` of grad_input), so ``x - mean`` keeps its digits when the
-    mean is large: the result is within a few of x's ulps of the largest term.
+    (docs/performance.md). The mean is rounded to x's dtype and its rounding folded into
+    the constant term (``q`` of normalize, ``r`` of grad_input), so ``x - mean`` keeps its
+    digits when the mean is large: the result is within a few of x's ulps of the largest
+    term.
     """
     channels = mean.shape[0]
     m = np.empty(channels, x.dtype)
@@ -245,20 +240,15 @@ def columns(kind: int, x: Any, mean: Any, p: Any, q: Any, r: Any, inner: int) ->
     rw = np.empty(channels, x.dtype)
     for c in range(channels):
         m[c] = mean[c]
-        pw[c] = p[c]
-        qw[c] = q[c]
-        rw[c] = r[c]
-    # (x - m) = (x - mean) + (m - mean): the constant term pays the rounding back. A mean
-    # that is not finite, or overflows x's dtype, has no rounding to pay: inf stays inf
-    # (as the float64 formula gives) instead of becoming inf - inf = NaN
-    for c in range(channels):
+        # (x - m) = (x - mean) + (m - mean): the constant term pays the rounding back. A mean
+        # that is not finite, or overflows x's dtype, has no rounding to pay: inf stays inf
+        # (as the float64 formula gives) instead of becoming inf - inf = NaN
         off = m[c] - mean[c]
         if not abs(off) < np.inf:  # not np.isfinite: see ops.batch_coefficients
             off = 0.0
-        if kind == ops.NORMALIZE:
-            qw[c] = q[c] + off * p[c]
-        else:
-            rw[c] = r[c] + off * q[c]
+        pw[c] = p[c]
+        qw[c] = q[c] + off * p[c] if kind == ops.NORMALIZE else q[c]
+        rw[c] = r[c] if kind == ops.NORMALIZE else r[c] + off * q[c]
     if inner == 1:
         return m, pw, qw, rw
     return np.repeat(m, inner), np.repeat(pw, inner), np.repeat(qw, inner), np.repeat(rw, inner)
