@@ -104,3 +104,21 @@ def test_serial_and_parallel_builds_keep_separate_entries() -> None:
         serial = kernel.serial._cache._cache_file._index_path
         parallel = kernel.parallel._cache._cache_file._index_path
         assert serial != parallel
+
+
+def test_every_compiled_kernel_has_its_own_name() -> None:
+    """Templates (normalize / grad_input, rows / segments) give each compiled function its
+    own qualified name: numba's symbol is that name, a per-process counter and the argument
+    types, so two kernels of one name compiled in different processes and loaded from the
+    cache into one could define one symbol twice and bind calls to the wrong code."""
+    from batchnorm.kernels.numba import config, fused, rows, segments
+
+    kernels = [k for mod in (rows, segments, fused) for k in vars(mod).values()
+               if isinstance(k, config.Kernel)]  # fmt: skip
+    kernels += [*fused.forward.values(), *fused.backward.values()]
+    kernels = list({id(k): k for k in kernels}.values())
+    funcs = [d.py_func for k in kernels for d in (k.serial, k.parallel)]
+    funcs += [f.py_func for f in (rows.normalize_chunk, rows.grad_input_chunk)]
+    names = [f"{f.__module__}.{f.__qualname__}" for f in funcs]
+    assert len(kernels) >= 8
+    assert len(set(names)) == len(names), sorted(names)

@@ -117,6 +117,27 @@ def float64s(v: Any) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=np.float64)
 
 
+def distinct_name(fn: Any) -> str:
+    """``fn``'s qualified name, with its closure's values when it has one.
+
+    A template's functions (one per closure value, e.g. normalize and grad_input) share a
+    qualified name, and numba's symbol for a compiled function is that name, a counter of
+    the process and the argument types. Kernels compiled in different processes and loaded
+    from the cache into one could then define one symbol twice with different code, and
+    calls bind to whichever came first: an eval backward ran the normalize pass that way.
+    """
+    cells = fn.__closure__ or ()
+    return "_".join([fn.__qualname__, *(str(c.cell_contents) for c in cells)])
+
+
+def renamed(fn: Any, qualname: str) -> Any:
+    """A copy of function ``fn`` under ``qualname`` (same code, globals and closure)."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)  # fmt: skip
+    copy.__qualname__ = qualname
+    return copy
+
+
 def jit(fn: Any) -> Any:
     """``fn`` compiled with this package's serial flags (helpers called from kernels)."""
     return njit(**FLAGS)(fn)
@@ -139,14 +160,11 @@ class Kernel:
     def __init__(self, body: Any) -> None:
         self.__name__ = body.__name__
         self.chunks_at = list(inspect.signature(body).parameters).index("chunks")
-        self.serial = cached(njit(**FLAGS)(body))
+        name = distinct_name(body)
+        self.serial = cached(njit(**FLAGS)(renamed(body, name)))
         # numba keys cache entries by name and bytecode, not by flags: the parallel build
         # gets a copy of the body under its own name, or the two builds overwrite each other
-        twin = types.FunctionType(
-            body.__code__, body.__globals__, body.__name__, body.__defaults__, body.__closure__
-        )
-        twin.__qualname__ = f"{body.__qualname__}_parallel"
-        self.parallel = cached(njit(**PARALLEL_FLAGS)(twin))
+        self.parallel = cached(njit(**PARALLEL_FLAGS)(renamed(body, f"{name}_parallel")))
 
     def __call__(self, *args: Any) -> Any:
         if args[self.chunks_at] == 1 or _Fork.child:

@@ -16,7 +16,15 @@ import numpy as np
 from numba import njit, prange
 
 from batchnorm.kernels.numba import ops
-from batchnorm.kernels.numba.config import FLAGS, Kernel, U, chan_merge_step, jit
+from batchnorm.kernels.numba.config import (
+    FLAGS,
+    Kernel,
+    U,
+    chan_merge_step,
+    distinct_name,
+    jit,
+    renamed,
+)
 
 
 @jit
@@ -219,7 +227,7 @@ def apply(kind: int) -> Any:
                 i = base + U(j)
                 out[i] = ops.formula(kind, x[i], dy[i], m[j], p[j], q[j], r[j])
 
-    return jit(chunk)
+    return jit(renamed(chunk, distinct_name(chunk)))
 
 
 @jit
