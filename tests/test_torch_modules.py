@@ -232,13 +232,17 @@ def test_saved_tensor_hooks_see_and_replace_the_input() -> None:
 def test_dx_is_not_computed_when_the_input_needs_no_grad(monkeypatch) -> None:
     from batchnorm import functional
 
-    def refuse(*args: object) -> None:
-        raise AssertionError("dx computed")
+    backward = functional.backward_3d
+
+    def refuse_dx(*args: object, need_input: bool = True) -> object:
+        if need_input:
+            raise AssertionError("dx computed")
+        return backward(*args, need_input=False)
 
     native, ours = _pair(2, torch.float32)
     x = torch.randn(6, 5, 4, 3) + 1
     assert bt.route(x, ours.weight) == "cpu"
-    monkeypatch.setattr(functional, "backward_trusted", refuse)  # the drop-in's dx path
+    monkeypatch.setattr(functional, "backward_3d", refuse_dx)  # the drop-in's backward
     dy = torch.randn(x.shape)
     native(x).backward(dy)
     ours(x).backward(dy)
@@ -314,7 +318,7 @@ def test_numba_kernels_run_with_torchs_thread_count(monkeypatch) -> None:
     from batchnorm import functional
 
     seen = []
-    forward, backward = functional.forward_trusted, functional.backward_trusted
+    forward, backward = functional.forward_3d, functional.backward_3d
 
     def spy_forward(*args, **kwargs):
         seen.append(numba.get_num_threads())
@@ -324,8 +328,8 @@ def test_numba_kernels_run_with_torchs_thread_count(monkeypatch) -> None:
         seen.append(numba.get_num_threads())
         return backward(*args, **kwargs)
 
-    monkeypatch.setattr(functional, "forward_trusted", spy_forward)  # what the drop-in calls
-    monkeypatch.setattr(functional, "backward_trusted", spy_backward)
+    monkeypatch.setattr(functional, "forward_3d", spy_forward)  # what the drop-in calls
+    monkeypatch.setattr(functional, "backward_3d", spy_backward)
     layer = bt.BatchNorm2d(3)
     layer.backend = "numba"
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)

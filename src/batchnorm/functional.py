@@ -27,11 +27,11 @@ __all__ = [
     "BatchNormCache",
     "NonFiniteBatchError",
     "StatsSync",
-    "backward_trusted",
+    "backward_3d",
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
-    "forward_trusted",
+    "forward_3d",
 ]
 
 
@@ -197,15 +197,19 @@ def batch_norm_forward(
         raise ValueError(f"eps must be positive in training (non-negative in eval), got {eps}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("running_mean and running_var are required when training=False")
-    return forward_trusted(
-        x, layout, weight, bias, running_mean, running_var, bool(training), momentum, eps,
-        kernels.resolve(backend), sync,
+    backend = kernels.resolve(backend)
+    y3, mean, rstd, count = forward_3d(
+        layout.to3d(x, x.dtype), weight, bias, running_mean, running_var, bool(training),
+        momentum, eps, backend, sync, x.shape,
     )  # fmt: skip
+    cache = BatchNormCache(
+        layout, x, mean, rstd, weight, bias is not None, bool(training), count, backend, sync
+    )
+    return layout.from3d(y3), cache
 
 
-def forward_trusted(
-    x: np.ndarray,
-    layout: Layout,
+def forward_3d(
+    x3: np.ndarray,
     weight: np.ndarray | None,
     bias: np.ndarray | None,
     running_mean: np.ndarray | None,
@@ -215,13 +219,17 @@ def forward_trusted(
     eps: float,
     backend: str,
     sync: StatsSync | None = None,
-) -> tuple[np.ndarray, BatchNormCache]:
-    """:func:`batch_norm_forward` after its checks, for a caller that has made them (the torch
-    drop-in, whose routing admits only tensors that pass them): x a float ndarray seen
-    through ``layout``, per-channel arrays of shape (C,), running buffers writable ndarrays
-    (both or neither; required in eval), ``backend`` a resolved name."""
-    impl = kernels.get(backend, x.dtype)
-    x3 = layout.to3d(x, x.dtype)
+    shape: tuple[int, ...] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The forward on the kernels' view, for callers that made the checks (the torch
+    drop-in, whose routing admits only what they would pass): ``(y3, mean, rstd, count)``.
+
+    x3 is the C-contiguous ``(outer, C, inner)`` view of the input (:mod:`batchnorm.layout`),
+    the per-channel arrays have shape (C,), the running buffers are writable ndarrays (both
+    or neither; required in eval), ``backend`` a resolved name; ``shape`` is the input's, for
+    the error message. mean and rstd are float64; count is the values per channel behind them.
+    """
+    impl = kernels.get(backend, x3.dtype)
     channels = x3.shape[1]
     count = x3.shape[0] * x3.shape[2]
     y3 = None
@@ -240,7 +248,7 @@ def forward_trusted(
             if count == 1:
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input size "
-                    f"{x.shape}"
+                    f"{x3.shape if shape is None else shape}"
                 )
             _check_finite(mean)
             with np.errstate(over="ignore"):  # m2 of |x| above ~1e154: rstd 0, as PyTorch
@@ -260,10 +268,7 @@ def forward_trusted(
         scale = rstd if weight is None else rstd * weight
         shift = np.zeros(channels) if bias is None else bias.astype(np.float64)
         y3 = impl.normalize(x3, mean, scale, shift)
-    cache = BatchNormCache(
-        layout, x, mean, rstd, weight, bias is not None, training, count, backend, sync
-    )
-    return layout.from3d(y3), cache
+    return y3, mean, rstd, count
 
 
 def batch_norm_backward(
@@ -280,40 +285,56 @@ def batch_norm_backward(
         raise ValueError(
             f"grad_output has shape {dy.shape}, expected the input's shape {cache.layout.shape}"
         )
-    return backward_trusted(dy, cache)
-
-
-def backward_trusted(
-    dy: np.ndarray, cache: BatchNormCache
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """:func:`batch_norm_backward` after its checks: dy a float ndarray of x's shape."""
     layout = cache.layout
     x3 = cache.x3
-    dy3 = layout.to3d(dy, x3.dtype)
-    impl = kernels.get(cache.backend, x3.dtype)
+    dx3, dweight, dbias = backward_3d(
+        layout.to3d(dy, x3.dtype), x3, cache.mean, cache.rstd, cache.weight, cache.has_bias,
+        cache.batch_stats, cache.count, cache.backend, cache.sync,
+    )  # fmt: skip
+    assert dx3 is not None
+    return layout.from3d(dx3), dweight, dbias
+
+
+def backward_3d(
+    dy3: np.ndarray,
+    x3: np.ndarray,
+    mean: np.ndarray,
+    rstd: np.ndarray,
+    weight: np.ndarray | None,
+    has_bias: bool,
+    batch_stats: bool,
+    count: int,
+    backend: str,
+    sync: StatsSync | None = None,
+    need_input: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The backward on the kernels' view (:func:`forward_3d`'s counterpart): ``(dx3,
+    dweight, dbias)``, dy3 of x3's shape. The fields are :class:`BatchNormCache`'s;
+    ``need_input=False`` skips dx (None), leaving the sums pass for the parameters."""
+    impl = kernels.get(backend, x3.dtype)
     channels = x3.shape[1]
     dx3 = None
     done = None
-    if cache.batch_stats and cache.sync is None and x3.size:  # one compiled call, where it pays
-        done = impl.fused_backward(dy3, x3, cache.mean, cache.rstd, cache.weight, cache.count)
+    if need_input and batch_stats and sync is None and x3.size:  # one compiled call
+        done = impl.fused_backward(dy3, x3, mean, rstd, weight, count)
     if done is not None:
         dx3, sum_dy, sum_dy_xmu = done
-    elif x3.size and (cache.batch_stats or cache.weight is not None or cache.has_bias):
-        sum_dy, sum_dy_xmu = impl.grad_sums(dy3, x3, cache.mean)
+    elif x3.size and (need_input and batch_stats or weight is not None or has_bias):
+        sum_dy, sum_dy_xmu = impl.grad_sums(dy3, x3, mean)
     else:
         sum_dy = sum_dy_xmu = np.zeros(channels)
-    dweight = sum_dy_xmu * cache.rstd if cache.weight is not None else None
-    dbias = sum_dy.copy() if cache.has_bias else None
-    if dx3 is None:
-        w = np.ones(channels) if cache.weight is None else cache.weight.astype(np.float64)
-        if cache.batch_stats:
-            if cache.sync is not None:
-                sum_dy, sum_dy_xmu = cache.sync.sum_grads(sum_dy, sum_dy_xmu)
-            a, b, c = grad_coefficients(w, cache.rstd, sum_dy, sum_dy_xmu, max(cache.count, 1))
+    dweight = sum_dy_xmu * rstd if weight is not None else None
+    dbias = sum_dy.copy() if has_bias else None
+    if dx3 is None and need_input:
+        w = np.ones(channels) if weight is None else weight.astype(np.float64)
+        if batch_stats:
+            if sync is not None:
+                sum_dy, sum_dy_xmu = sync.sum_grads(sum_dy, sum_dy_xmu)
+            a, b, c = grad_coefficients(w, rstd, sum_dy, sum_dy_xmu, max(count, 1))
         else:  # running statistics are constants: dx is dy scaled
-            a, b, c = w * cache.rstd, np.zeros(channels), np.zeros(channels)
-        dx3 = impl.grad_input(dy3, x3, cache.mean, a, b, c) if x3.size else np.empty_like(x3)
-    return layout.from3d(dx3), dweight, dbias
+            a, b, c = w * rstd, np.zeros(channels), np.zeros(channels)
+        dx3 = impl.grad_input(dy3, x3, mean, a, b, c) if x3.size else np.empty_like(x3)
+    return dx3, dweight, dbias
 
 
 def batch_norm(

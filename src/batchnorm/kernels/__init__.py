@@ -184,7 +184,7 @@ def set_threads(n: int) -> int | None:
 
 def get(name: str = "auto", dtype: Any = None) -> Kernels:
     """The kernels for ``name``; numpy's when that implementation cannot compute ``dtype``."""
-    module = _load(resolve(name))
-    if dtype is not None and np.dtype(dtype) not in module.DTYPES:
+    module = _loaded.get(name) or _load(resolve(name))  # a loaded name needs no resolving
+    if dtype is not None and dtype not in module.DTYPES:
         module = _load("numpy")
     return module

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from batchnorm import functional, kernels
-from batchnorm.layout import tensor_channels_last, tensor_view, view
+from batchnorm.layout import Layout, tensor_channels_last, tensor_view
 from batchnorm.torch.glue import BNFunction, Inputs, Needs, StatsArgs
 from batchnorm.torch.routing import route
 
@@ -45,9 +45,15 @@ def _view(t: torch.Tensor, channels_last: bool | None) -> torch.Tensor:
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    """The NumPy array sharing ``t``'s memory (written through for the running buffers)."""
     if t is None:
         return None
     return (t.detach() if t.requires_grad else t).numpy()
+
+
+def _layout(x: torch.Tensor) -> Layout:
+    """How the kernels see a routed (dense) x: its shape and whether it is channels-last."""
+    return Layout(tuple(x.shape), 1, bool(tensor_channels_last(x)))
 
 
 def _forward(
@@ -60,12 +66,13 @@ def _forward(
 ) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kind, y, mean, rstd)``: the per-channel statistics y was normalized with."""
     if kind == "cpu":
-        # routing admitted only what batch_norm_forward's checks would pass: skip them
+        # routing admitted only what the functional API's checks would pass: skip them
         _use_torch_threads(backend)
+        layout = _layout(x)
         x_np = x.detach().numpy()
         try:
-            y_np, cache = functional.forward_trusted(
-                x_np, view(x_np, 1), _np(weight), _np(bias), _np(stats.running_mean),
+            y3, mean_np, rstd_np, _ = functional.forward_3d(
+                layout.to3d(x_np, x_np.dtype), _np(weight), _np(bias), _np(stats.running_mean),
                 _np(stats.running_var), stats.training, stats.momentum, stats.eps, backend,
             )  # fmt: skip
         except functional.NonFiniteBatchError:
@@ -76,8 +83,8 @@ def _forward(
                 changed = [t for t in buffers if t is not None and not t.is_inference()]
                 if changed:
                     torch.autograd.graph.increment_version(changed)
-            mean, rstd = torch.from_numpy(cache.mean), torch.from_numpy(cache.rstd)
-            return kind, torch.from_numpy(y_np), mean, rstd
+            y = torch.from_numpy(layout.from3d(y3))
+            return kind, y, torch.from_numpy(mean_np), torch.from_numpy(rstd_np)
     if kind == "triton":
         from batchnorm.kernels import triton as tk
 
@@ -100,28 +107,19 @@ def _cpu_backward(
     backend: str,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Any, Any, Any]:
+    layout = _layout(x)
     x_np = x.detach().numpy()
-    layout = view(x_np, 1)
-    x3 = layout.to3d(x_np, x_np.dtype)  # a view: x is dense
-    w = _np(weight)
     dtype = x_np.dtype
-    dy_np = dy.detach().numpy()  # autograd gives dy x's shape and dtype
-    if not needs[0]:  # parameter gradients only: the sums pass, no dx
-        dy3 = layout.to3d(dy_np, dtype)
-        sum_dy, sum_dy_xmu = kernels.get(backend, dtype).grad_sums(dy3, x3, mean.numpy())
-        dw_np, db_np = sum_dy_xmu * rstd.numpy(), sum_dy
-        dx = None
-    else:
-        cache = functional.BatchNormCache(
-            layout, x_np, mean.numpy(), rstd.numpy(), w, needs[2], training,
-            x3.shape[0] * x3.shape[2], backend,
-        )  # fmt: skip
-        dx_np, dw_np, db_np = functional.backward_trusted(dy_np, cache)
-        dx = torch.from_numpy(dx_np)
+    dx3, dw_np, db_np = functional.backward_3d(
+        layout.to3d(dy.detach().numpy(), dtype), layout.to3d(x_np, dtype), mean.numpy(),
+        rstd.numpy(), _np(weight), needs[2], training, x_np.size // x_np.shape[1], backend,
+        need_input=needs[0],
+    )  # fmt: skip
+    dx = None if dx3 is None else torch.from_numpy(layout.from3d(dx3))
     # routed here, weight and bias have x's dtype: cast the float64 sums in NumPy (right after
     # a pass over the data that took 35 us against 60 us for Tensor.to)
-    dw = torch.from_numpy(dw_np.astype(dtype)) if w is not None and needs[1] else None
-    db = torch.from_numpy(db_np.astype(dtype)) if db_np is not None and needs[2] else None
+    dw = torch.from_numpy(dw_np.astype(dtype)) if dw_np is not None and needs[1] else None
+    db = torch.from_numpy(db_np.astype(dtype)) if db_np is not None else None
     return dx, dw, db
 
 

@@ -50,6 +50,7 @@ CPU_MIN_NUMEL: dict[tuple[str, int], int] = {
     ("2d", 2): 4_194_304,
 }
 LAYOUTS = tuple(dict.fromkeys(name for name, _ in CPU_MIN_NUMEL))  # the table's layouts
+_MOST_THREADS = {name: max(t for n, t in CPU_MIN_NUMEL if n == name) for name in LAYOUTS}
 # Eval forwards (batch_norm with training=False) stay with PyTorch at every size: at the
 # drop-in level its eval kernel was as fast as ours or faster on every bench case
 # (benchmarks/results/bench-dropin.json: torch/ours 0.62-0.98), the pass being one read and
@@ -86,24 +87,23 @@ def layout_of(x: torch.Tensor, channels_last: bool) -> str:
 def min_numel(layout: str, threads: int, training: bool = True) -> int:
     """The CPU crossover for ``layout`` (one of :data:`LAYOUTS`): from this many elements on
     our kernels are faster."""
-    if layout not in LAYOUTS:
+    if layout not in _MOST_THREADS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if MIN_NUMEL is not None:
         return MIN_NUMEL
     if not training:
         return 2**63
-    known = [t for name, t in CPU_MIN_NUMEL if name == layout]
-    return CPU_MIN_NUMEL[(layout, min(threads, max(known)))]
+    return CPU_MIN_NUMEL[(layout, min(threads, _MOST_THREADS[layout]))]
 
 
 def traced(*tensors: torch.Tensor | None) -> bool:
     """Whether a tracer, compiler or tensor override is watching: then only PyTorch's own op
-    is visible to it (our kernels run through NumPy, which no tracer sees)."""
+    is visible to it (our kernels run through NumPy, which no tracer sees). An fx ``Proxy``
+    counts as an override (it defines ``__torch_function__``)."""
     return (
-        torch.jit.is_tracing()
+        torch._C._get_tracing_state() is not None  # torch.jit.trace (what is_tracing reads)
         or torch.jit.is_scripting()
         or torch.compiler.is_compiling()
-        or any(isinstance(t, torch.fx.Proxy) for t in tensors)
         or has_torch_function_variadic(*tensors)
     )
 
@@ -150,8 +150,8 @@ def _cpu(x: torch.Tensor, given: list[torch.Tensor], training: bool) -> str:
         return "torch"
     if x.numel() < max(1, min_numel(layout_of(x, channels_last), _threads(), training)):
         return "torch"
-    channels = x.shape[1]
+    vector = (x.shape[1],)
     for t in given:
-        if t.dtype != dtype or not t.is_cpu or t.shape != (channels,) or t.stride() != (1,):
+        if t.dtype != dtype or t.shape != vector or t.stride() != (1,) or not t.is_cpu:
             return "torch"
     return "cpu"

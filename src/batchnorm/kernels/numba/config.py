@@ -39,7 +39,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ and not getattr(
 ):
     # numba's default order is tbb, omp, workqueue: a tbb pool would be a second pool
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]  # type: ignore[attr-defined]
-_POOL: list[Any] = []  # the launch guard, once numba's thread pool is started
+_POOL: list[Any] = []  # [launch guard, thread-count getter] once numba's pool runs
 _STARTING = threading.Lock()
 
 
@@ -59,16 +59,25 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
-def _launch_guard() -> Any:
-    """What a parallel launch holds: a lock under workqueue (not re-entrant), else nothing.
-    The first call starts numba's pool (a build loaded from the cache does not)."""
+def _start_pool() -> list[Any]:
+    """Start numba's pool once: ``[launch guard, thread-count getter]``. The guard is a lock
+    under workqueue (not re-entrant), else nothing; the getter is numba's own, without
+    ``get_num_threads``' per-call check that the pool runs (0.8 us a call, against 0.1).
+    A build loaded from the cache does not start the pool."""
     if not _POOL:
         with _STARTING:
             if not _POOL:
                 numba.get_num_threads()  # starts the pool
                 workqueue = numba.threading_layer() == "workqueue"
-                _POOL.append(threading.Lock() if workqueue else contextlib.nullcontext())
-    return _POOL[0]
+                guard = threading.Lock() if workqueue else contextlib.nullcontext()
+                get = getattr(numba.np.ufunc.parallel, "_get_num_threads", None)
+                _POOL[:] = [guard, get or numba.get_num_threads]  # one store: thread-safe
+    return _POOL
+
+
+def _launch_guard() -> Any:
+    """What a parallel launch holds (see :func:`_start_pool`)."""
+    return (_POOL or _start_pool())[0]
 
 
 FASTMATH = {"reassoc", "contract", "nsz"}  # never nnan/ninf: NaN must propagate
@@ -190,20 +199,15 @@ class Parallel:
 
 
 def num_threads() -> int:
-    """``numba.get_num_threads()``, without its per-call check that the pool runs once it
-    does (0.8 us a call, against 0.1)."""
-    if not _POOL:
-        _launch_guard()
-    get = getattr(numba.np.ufunc.parallel, "_get_num_threads", None)
-    return int(get()) if get is not None else int(numba.get_num_threads())
+    """``numba.get_num_threads()`` (the calling thread's count), cheaply."""
+    return int((_POOL or _start_pool())[1]())
 
 
 def set_threads(n: int) -> int:
     """Use ``n`` threads (clamped to numba's pool) in this thread; returns the previous count.
     Numba's count is per calling thread; setting it is skipped when unchanged (7 us a call)."""
-    previous = num_threads()
-    pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    want = max(1, min(int(n), pool))
+    previous = int((_POOL or _start_pool())[1]())  # num_threads(), one call less: hot path
+    want = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     if want != previous:
         numba.set_num_threads(want)
     return int(previous)
@@ -218,4 +222,4 @@ def chunks(size: int, units: int, minimum: int | None = None) -> int:
         return max(1, min(CHUNKS, units))
     if size < (PARALLEL_MIN if minimum is None else minimum):
         return 1
-    return max(1, min(num_threads(), units))
+    return max(1, min(int((_POOL or _start_pool())[1]()), units))  # num_threads()

@@ -46,6 +46,6 @@ def fusable(x3: np.ndarray, arrays: int) -> tuple[int, int]:
 def fused(x3: np.ndarray, arrays: int) -> tuple[int, int]:
     """``(chunks, group)`` for a one-call training pass reading ``arrays`` arrays: rows
     layouts always (group 0), segments where :func:`fusable` finds a gain; (0, 0): decline."""
-    if use_rows(x3):
-        return chunks(x3), 0
+    if x3.shape[2] < config.ROWS_MAX_INNER:  # use_rows and chunks, inlined: every call
+        return config.chunks(x3.size, x3.shape[0]), 0
     return fusable(x3, arrays)
