@@ -309,6 +309,8 @@ def test_fused_group_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert group((32, 2048, 49), 2) == 83  # 7x7 maps: 83 channels make 16 KiB runs
     assert group((256, 2048, 49), 2) == 41  # ...fewer where dy and x would not fit 4 MiB
     assert group((512, 2048, 49), 2) == 0  # ...and none where the runs would be under 4 KiB
+    assert group((32, 64, 64), 2) == 32  # 8x8 maps: 64 channels in a group a thread
+    assert group((32, 256, 16), 2) == 128  # 4x4 maps: likewise (8 KiB runs)
     assert group((32, 64, 3136), 2) == 1  # 56x56 maps: one channel a run
     assert group((8, 3, 50176), 2) == 1  # 224x224 maps: one
     assert group((64, 3, 50176), 1) == 0  # 12 MiB a channel: not fused
@@ -508,5 +510,7 @@ def test_fused_passes_go_parallel_from_their_own_threshold() -> None:
         assert config.FUSED_PARALLEL_MIN <= above.size < config.PARALLEL_MIN
         assert plan.fusable(above, 1)[0] == 2
         assert plan.chunks(above) == 1  # the unfused kernels stay serial at this size
-        one_group = np.zeros((8, 64, 49), np.float32)  # one group: fused, on one thread
-        assert plan.fusable(one_group, 1) == (1, 64)
+        halves = np.zeros((8, 64, 49), np.float32)  # one group of 64 split in two of 6 KiB runs
+        assert plan.fusable(halves, 1) == (2, 32)
+        one_group = np.zeros((16, 32, 49), np.float32)  # halves would run 3 KiB: one thread
+        assert plan.fusable(one_group, 1) == (1, 32)

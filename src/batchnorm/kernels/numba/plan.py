@@ -34,6 +34,10 @@ def fusable(x3: np.ndarray, arrays: int) -> tuple[int, int]:
         return 0, 0  # short runs strided by C * inner defeat the prefetchers (measured 1.5x)
     groups = -(-channels // group)
     threads = config.chunks(x3.size, outer * channels, config.FUSED_PARALLEL_MIN)
+    if groups < threads:  # a group a thread, where its runs stay long enough ((N, 64, 8, 8))
+        even = -(-channels // threads)
+        if even * segment >= config.FUSE_MIN_RUN_BYTES:
+            group, groups = even, -(-channels // even)
     if -(-groups // threads) * threads > config.FUSE_MAX_IMBALANCE * groups:
         # too few groups for the threads (C = 1 on two threads): the unfused kernels split
         # rows. Some imbalance pays: 3 groups on 2 threads still beat moving x once more.
