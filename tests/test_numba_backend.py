@@ -22,15 +22,17 @@ from batchnorm.kernels import numba as nb  # noqa: E402
 from batchnorm.kernels import numpy as npb  # noqa: E402
 from batchnorm.kernels.numba import config, plan  # noqa: E402
 
-# (outer, C, inner): rows kernels for inner < ROWS_MAX_INNER, segments kernels otherwise
+# (outer, C, inner): rows kernels for inner < ROWS_MAX_INNER and for few channels of short
+# segments (plan.use_rows), segments kernels otherwise
 SHAPES3 = [
     (7, 1, 1),  # C = 1
     (13, 3, 1),  # C = 3, channels-last / 2-D rows
     (43, 4, 1),  # rows: several eight-row sweeps and leftover rows in every chunk
     (2, 5, 1),  # N = 2
     (5, 7, 11),  # short inner: rows kernels over C * inner columns
-    (2, 3, 50),  # C = 3, segments
+    (2, 3, 50),  # C = 3, short segments: rows kernels over C * inner columns too
     (3, 5, 17),
+    (2, 3, 300),  # C = 3, segments
     (2, 2, 1009),  # long prime inner: several two-pass blocks per segment
 ]
 TOL = {np.float32: {"rtol": 2e-6, "atol": 2e-6}, np.float64: {"rtol": 1e-12, "atol": 1e-12}}
@@ -56,9 +58,21 @@ def _data(shape: tuple[int, ...], dtype: Any, seed: int = 0) -> tuple[np.ndarray
     return x, dy
 
 
+def test_threads_partials_share_no_cache_line() -> None:
+    for width in (1, 3, 16, 17, 512):
+        partials = config.per_chunk(2, width)
+        assert partials.shape[1] >= width and not partials.any()
+        # whatever the base address's alignment, row 0's last value and row 1's first are
+        # a cache line (64 bytes) apart or more
+        assert partials.strides[0] - width * partials.itemsize >= 64
+
+
 def test_path_switches() -> None:
     assert plan.use_rows(np.empty((4, 3, 1)))
-    assert not plan.use_rows(np.empty((4, 3, config.ROWS_MAX_INNER)))
+    assert not plan.use_rows(np.empty((4, 3, config.ROWS_FALLBACK_INNER + 1)))
+    assert plan.use_rows(np.empty((256, 8, 49), np.float32))  # runs of 1.5 KiB: not fused
+    assert plan.fusable(np.empty((256, 8, 49), np.float32), 1) == (0, 0)
+    assert not plan.use_rows(np.empty((32, 64, 64), np.float32))  # fused segments take these
     assert config.chunks(10, 10) == 1  # small arrays: one chunk, the serial build
 
 
@@ -286,9 +300,11 @@ def test_fused_helpers_match_the_public_passes(
 
 
 def test_fused_helpers_decline_where_they_would_not_gain(monkeypatch: pytest.MonkeyPatch) -> None:
-    short = np.zeros((4, 8, 49), np.float32)  # all 8 channels make a run of 1.5 KiB only
+    short = np.zeros((4, 3, 300), np.float32)  # all 3 channels make a run of 3.5 KiB only
     assert nb.fused_forward(short, None, None, 1e-5) is None
-    assert nb.fused_backward(short, short, np.zeros(8), np.ones(8), None, 196) is None
+    assert nb.fused_backward(short, short, np.zeros(3), np.ones(3), None, 1200) is None
+    rows = np.zeros((4, 8, 49), np.float32)  # shorter segments go to the rows kernels instead
+    assert plan.use_rows(rows) and nb.fused_forward(rows, None, None, 1e-5) is not None
     monkeypatch.setattr(config, "FUSE_MAX_BYTES", 8192)
     assert plan.fusable(np.zeros((4, 8, 1024), np.float32), 1) == (0, 0)  # 16 KiB a channel
     monkeypatch.setattr(config, "CHUNKS", 2)

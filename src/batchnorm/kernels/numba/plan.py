@@ -8,8 +8,13 @@ from batchnorm.kernels.numba import config
 
 
 def use_rows(x3: np.ndarray) -> bool:
-    """Rows kernels for short inner runs (channels-last, 2-D); segments kernels otherwise."""
-    return bool(x3.shape[2] < config.ROWS_MAX_INNER)
+    """Rows kernels for short inner runs (channels-last, 2-D, maps under 4x4), and for maps
+    up to :data:`~.config.ROWS_FALLBACK_INNER` values whose segments the fused passes would
+    not take (few channels: short runs); segments kernels otherwise."""
+    inner = x3.shape[2]
+    if inner < config.ROWS_MAX_INNER:
+        return True
+    return inner <= config.ROWS_FALLBACK_INNER and _segments_fusion(x3, 2) == (0, 0)
 
 
 def chunks(x3: np.ndarray) -> int:
@@ -20,8 +25,15 @@ def chunks(x3: np.ndarray) -> int:
 
 def fusable(x3: np.ndarray, arrays: int) -> tuple[int, int]:
     """``(chunks, group)`` for a channel-parallel fused pass over ``x3``; (0, 0): no gain."""
+    if use_rows(x3):
+        return 0, 0
+    return _segments_fusion(x3, arrays)
+
+
+def _segments_fusion(x3: np.ndarray, arrays: int) -> tuple[int, int]:
+    """:func:`fusable` for the segments kernels (whatever :func:`use_rows` says)."""
     outer, channels, inner = x3.shape
-    if use_rows(x3) or x3.size == 0 or not x3.flags.c_contiguous:
+    if x3.size == 0 or not x3.flags.c_contiguous:
         return 0, 0
     segment = inner * x3.itemsize
     # neighbouring channels in one group make each row's run long enough to stream, as
@@ -41,7 +53,7 @@ def fusable(x3: np.ndarray, arrays: int) -> tuple[int, int]:
     if -(-groups // threads) * threads > config.FUSE_MAX_IMBALANCE * groups:
         # too few groups for the threads (C = 1 on two threads): the unfused kernels split
         # rows. Some imbalance pays: 3 groups on 2 threads still beat moving x once more.
-        if chunks(x3) > 1:
+        if config.chunks(x3.size, outer * channels) > 1:  # the unfused segments kernels'
             return 0, 0
         threads = 1  # the unfused kernels would run serially too: fuse on one thread
     return min(threads, groups), group
@@ -50,6 +62,6 @@ def fusable(x3: np.ndarray, arrays: int) -> tuple[int, int]:
 def fused(x3: np.ndarray, arrays: int) -> tuple[int, int]:
     """``(chunks, group)`` for a one-call training pass reading ``arrays`` arrays: rows
     layouts always (group 0), segments where :func:`fusable` finds a gain; (0, 0): decline."""
-    if x3.shape[2] < config.ROWS_MAX_INNER:  # use_rows and chunks, inlined: every call
+    if use_rows(x3):
         return config.chunks(x3.size, x3.shape[0]), 0
-    return fusable(x3, arrays)
+    return _segments_fusion(x3, arrays)

@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from batchnorm.kernels import buffers
 from batchnorm.kernels.numba import config
-from batchnorm.kernels.numba.config import FLAGS, Parallel, float64s
+from batchnorm.kernels.numba.config import FLAGS, Parallel, float64s, per_chunk
 from batchnorm.kernels.numba.config import grad_coefficients as _grad_coefficients
 from batchnorm.kernels.numba.config import inverse_std as _inverse_std
 from batchnorm.kernels.relu import Backward, ReLUPasses, given
@@ -87,8 +87,8 @@ def _normalize_relu(x: Any, mean: Any, scale: Any, shift: Any, res: Any, has_res
 def _relu_grad_sums(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any, shift: Any,
                     chunks: int) -> Any:
     outer, channels = x.shape[0], x.shape[1]
-    s1 = np.zeros((chunks, channels))
-    s2 = np.zeros((chunks, channels))
+    s1 = per_chunk(chunks, channels)
+    s2 = per_chunk(chunks, channels)
     step = (outer + chunks - 1) // chunks
     for t in prange(chunks):
         for o in range(t * step, min(outer, (t + 1) * step)):
@@ -96,7 +96,7 @@ def _relu_grad_sums(dy: Any, x: Any, y: Any, has_y: bool, mean: Any, scale: Any,
                 a, b = _segment_sums(dy, x, y, has_y, o, c, mean[c], scale[c], shift[c])
                 s1[t, c] += a
                 s2[t, c] += b
-    return s1.sum(axis=0), s2.sum(axis=0)
+    return s1[:, :channels].sum(axis=0), s2[:, :channels].sum(axis=0)
 
 
 @Parallel

@@ -23,6 +23,7 @@ from batchnorm.kernels.numba.config import (
     chan_merge_step,
     distinct_name,
     jit,
+    per_chunk,
     renamed,
 )
 
@@ -148,12 +149,12 @@ def merge_chunks(counts: Any, means: Any, m2s: Any, channels: int, inner: int) -
 
 def _stats(x: Any, outer: int, channels: int, inner: int, chunks: int) -> Any:
     width = channels * inner
-    means = np.zeros((chunks, width))
-    m2s = np.zeros((chunks, width))
+    means = per_chunk(chunks, width)
+    m2s = per_chunk(chunks, width)
     counts = np.zeros(chunks)
     for t in prange(chunks):
-        counts[t] = chunk_stats(x, outer, width, t, chunks, means[t], m2s[t])
-    return merge_chunks(counts, means, m2s, channels, inner)
+        counts[t] = chunk_stats(x, outer, width, t, chunks, means[t, :width], m2s[t, :width])
+    return merge_chunks(counts, means[:, :width], m2s[:, :width], channels, inner)
 
 
 @jit
@@ -197,11 +198,11 @@ def _grad_sums(
 ) -> Any:
     width = channels * inner
     mean_w = np.repeat(mean, inner)
-    sdy = np.zeros((chunks, width))
-    sdx = np.zeros((chunks, width))
+    sdy = per_chunk(chunks, width)
+    sdx = per_chunk(chunks, width)
     for t in prange(chunks):
-        chunk_grad_sums(dy, x, mean_w, outer, t, chunks, sdy[t], sdx[t])
-    return fold_sums(sdy, channels, inner), fold_sums(sdx, channels, inner)
+        chunk_grad_sums(dy, x, mean_w, outer, t, chunks, sdy[t, :width], sdx[t, :width])
+    return fold_sums(sdy[:, :width], channels, inner), fold_sums(sdx[:, :width], channels, inner)
 
 
 def apply(kind: int) -> Any:

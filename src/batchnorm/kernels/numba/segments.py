@@ -15,7 +15,7 @@ import numpy as np
 from numba import prange
 
 from batchnorm.kernels.numba import ops
-from batchnorm.kernels.numba.config import Kernel, U, chan_merge_step, jit
+from batchnorm.kernels.numba.config import Kernel, U, chan_merge_step, jit, per_chunk
 
 
 @jit
@@ -50,9 +50,9 @@ def segment_stats(x: Any, start: int, size: int, block: int) -> Any:
 
 def _stats(x: Any, outer: int, channels: int, inner: int, block: int, chunks: int) -> Any:
     segs = outer * channels
-    cnts = np.zeros((chunks, channels))
-    means = np.zeros((chunks, channels))
-    m2s = np.zeros((chunks, channels))
+    cnts = per_chunk(chunks, channels)
+    means = per_chunk(chunks, channels)
+    m2s = per_chunk(chunks, channels)
     for t in prange(chunks):
         for k in range(segs * t // chunks, segs * (t + 1) // chunks):
             c = k % channels
@@ -76,8 +76,8 @@ def _grad_sums(
     dy: Any, x: Any, mean: Any, outer: int, channels: int, inner: int, chunks: int
 ) -> Any:
     segs = outer * channels
-    sdy = np.zeros((chunks, channels))
-    sdx = np.zeros((chunks, channels))
+    sdy = per_chunk(chunks, channels)
+    sdx = per_chunk(chunks, channels)
     for t in prange(chunks):
         for k in range(segs * t // chunks, segs * (t + 1) // chunks):
             c = k % channels
@@ -91,7 +91,7 @@ def _grad_sums(
                 b += g * (x[base + U(i)] - m)
             sdy[t, c] += a
             sdx[t, c] += b
-    return sdy.sum(axis=0), sdx.sum(axis=0)
+    return sdy[:, :channels].sum(axis=0), sdx[:, :channels].sum(axis=0)
 
 
 def elementwise(kind: int) -> Kernel:
