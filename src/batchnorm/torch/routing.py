@@ -53,7 +53,7 @@ LAYOUTS = tuple(dict.fromkeys(name for name, _ in CPU_MIN_NUMEL))  # the table's
 _MOST_THREADS = {name: max(t for n, t in CPU_MIN_NUMEL if n == name) for name in LAYOUTS}
 # Eval forwards (batch_norm with training=False) stay with PyTorch at every size: at the
 # drop-in level its eval kernel was as fast as ours or faster on every bench case
-# (benchmarks/results/bench-dropin.json: torch/ours 0.62-0.98), the pass being one read and
+# (bench-dropin.json as of commit ff8c12b: torch/ours 0.62-0.98), the pass being one read and
 # one write that both do at memory speed, and ours paying the Python around it.
 # Tests set this to take every CPU size, training or not (None: the rules above).
 MIN_NUMEL: int | None = None

@@ -92,8 +92,8 @@ PARALLEL_FLAGS: dict[str, Any] = {**FLAGS, "parallel": True}
 # --- tuning -------------------------------------------------------------------------------
 ROWS_MAX_INNER = 16  # inner below this: rows kernels; else segments kernels
 # ...and rows kernels up to this inner where the fused segments passes decline (few channels
-# of short segments): the unfused segments passes merge every segment's statistics, 1.3-3.6x
-# slower there ((256, 8, 7, 7), (128, 16, 4, 4), (1024, 1, 16, 16); docs/performance.md)
+# of short segments): the unfused segments passes merge every segment's statistics, 2-3x
+# slower there ((256, 8, 7, 7), (128, 16, 4, 4); kernels-small-maps-before-after.txt)
 ROWS_FALLBACK_INNER = 256
 BLOCK = 4096  # segment elements per two-pass block (a float32 block is 16 KiB: L1)
 # Arrays with fewer elements run as one chunk in the serial build: below it a parallel
@@ -161,7 +161,8 @@ def per_chunk(chunks: int, width: int) -> Any:
     """Zeroed float64 partials, a row of ``width`` for each of ``chunks`` threads: use
     ``[t, :width]`` (and ``[:, :width]``). Rows are padded apart by a cache line at least,
     so that no two threads write one line (with rows of 16 values, 2-D (16384, 16) ran its
-    statistics slower on two threads than on one)."""
+    statistics no faster on two threads than on one; benchmarks/results/
+    kernels-16384x16-threads.txt)."""
     return np.zeros((chunks, (width + 7) // 8 * 8 + 8))
 
 

@@ -1,4 +1,6 @@
-"""Rows kernels: ``inner < ROWS_MAX_INNER`` (channels-last, 2-D ``(N, C)``, 3x3 maps).
+"""Rows kernels: ``inner < ROWS_MAX_INNER`` (channels-last, 2-D ``(N, C)``, 3x3 maps), and
+maps up to ``ROWS_FALLBACK_INNER`` values that the fused segments passes decline
+(:func:`.plan.use_rows`).
 
 The array is ``outer`` rows of ``W = C * inner`` columns. A thread takes a block of rows and
 accumulates per column, vectorized along the row; columns fold into channels and threads

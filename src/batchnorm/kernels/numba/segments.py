@@ -1,4 +1,5 @@
-"""Segments kernels: ``inner >= ROWS_MAX_INNER`` (contiguous NCHW, also 7x7 maps).
+"""Segments kernels: ``inner >= ROWS_MAX_INNER`` (contiguous NCHW, also 7x7 maps) where
+:func:`.plan.use_rows` does not choose the rows kernels.
 
 The array is ``outer * C`` contiguous segments ``x3[o, c, :]``. A thread takes a contiguous
 range of segments (so channels and batch rows are split alike, which keeps both threads busy
