@@ -20,7 +20,7 @@ from batchnorm import functional as F  # noqa: E402
 from batchnorm import kernels as backends  # noqa: E402
 from batchnorm.kernels import numba as nb  # noqa: E402
 from batchnorm.kernels import numpy as npb  # noqa: E402
-from batchnorm.kernels.numba import config, plan  # noqa: E402
+from batchnorm.kernels.numba import config, plan, rows  # noqa: E402
 
 # (outer, C, inner): rows kernels for inner < ROWS_MAX_INNER and for few channels of short
 # segments (plan.use_rows), segments kernels otherwise
@@ -28,6 +28,8 @@ SHAPES3 = [
     (7, 1, 1),  # C = 1
     (13, 3, 1),  # C = 3, channels-last / 2-D rows
     (43, 4, 1),  # rows: several eight-row sweeps and leftover rows in every chunk
+    (150, 3, 1),  # more rows than COLUMNS_MAX_ROWS: reductions split by rows, not columns
+    (9, 40, 1),  # 40 columns in 16-column blocks: chunks of 16, 16 and 8 columns
     (2, 5, 1),  # N = 2
     (5, 7, 11),  # short inner: rows kernels over C * inner columns
     (2, 3, 50),  # C = 3, short segments: rows kernels over C * inner columns too
@@ -65,6 +67,16 @@ def test_threads_partials_share_no_cache_line() -> None:
         # whatever the base address's alignment, row 0's last value and row 1's first are
         # a cache line (64 bytes) apart or more
         assert partials.strides[0] - width * partials.itemsize >= 64
+
+
+def test_reductions_split_by_columns_when_rows_are_few() -> None:
+    few = np.empty((config.COLUMNS_MAX_ROWS, 4, 1), np.float32)
+    many = np.empty((config.COLUMNS_MAX_ROWS + 1, 4, 1), np.float32)
+    assert plan.by_columns(few, 2) and not plan.by_columns(few, 1)
+    assert not plan.by_columns(many, 2)
+    assert [tuple(rows.span(t, 3, 9, 40, True)) for t in range(3)] == [
+        (0, 9, 0, 0), (0, 9, 0, 16), (0, 9, 16, 40)
+    ]  # 40 // 3 = 13 rounds down to 0; every column in exactly one chunk
 
 
 def test_path_switches() -> None:
@@ -476,7 +488,8 @@ def cpu_ns():
 def workers_during(fn):
     time.sleep(0.1)  # past the previous region's spin
     before = cpu_ns()
-    for _ in range(20):
+    end = time.perf_counter() + 0.3  # many scheduler ticks: a busy thread's CPU time is
+    while time.perf_counter() < end:  # accounted at ticks and switches, not continuously
         fn()
     after = cpu_ns()
     return {k for k in after if k != main and after[k] - before.get(k, 0) > 100_000}

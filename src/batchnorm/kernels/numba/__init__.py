@@ -44,7 +44,8 @@ def channel_stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     outer, channels, inner = x3.shape
     x = x3.reshape(-1)
     if plan.use_rows(x3):
-        return rows.stats(x, outer, channels, inner, plan.chunks(x3))  # type: ignore[no-any-return]
+        chunks = plan.chunks(x3)
+        return rows.stats(x, outer, channels, inner, plan.by_columns(x3, chunks), chunks)  # type: ignore[no-any-return]
     return segments.stats(x, outer, channels, inner, config.BLOCK, plan.chunks(x3))  # type: ignore[no-any-return]
 
 
@@ -63,9 +64,14 @@ def normalize(x3: np.ndarray, mean: np.ndarray, scale: np.ndarray, shift: np.nda
 def grad_sums(dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x3 = np.ascontiguousarray(x3)
     dy3 = _same(dy3, x3)
-    family = rows if plan.use_rows(x3) else segments
-    return family.grad_sums(  # type: ignore[no-any-return]
-        dy3.reshape(-1), x3.reshape(-1), float64s(mean), *x3.shape, plan.chunks(x3)
+    chunks = plan.chunks(x3)
+    if plan.use_rows(x3):
+        by_columns = plan.by_columns(x3, chunks)
+        return rows.grad_sums(  # type: ignore[no-any-return]
+            dy3.reshape(-1), x3.reshape(-1), float64s(mean), *x3.shape, by_columns, chunks
+        )
+    return segments.grad_sums(  # type: ignore[no-any-return]
+        dy3.reshape(-1), x3.reshape(-1), float64s(mean), *x3.shape, chunks
     )
 
 
@@ -122,7 +128,8 @@ def fused_forward(
     mean, m2, rstd = np.empty(channels), np.empty(channels), np.empty(channels)
     ok = fused.forward[group == 0](
         x, w, b, float(eps), rm, rv, float(momentum), y3.reshape(-1), mean, m2, rstd,
-        outer, channels, inner, group, config.BLOCK, chunks,
+        outer, channels, inner, group, config.BLOCK, group == 0 and plan.by_columns(x3, chunks),
+        chunks,
     )  # fmt: skip
     if ok:
         for given, used in ((running_mean, rm), (running_var, rv)):
@@ -157,7 +164,7 @@ def fused_backward(
         dy.reshape(-1), x.reshape(-1), float64s(mean), float64s(rstd), w, dx3.reshape(-1),
         sum_dy, sum_dy_xmu, float(max(count, 1)), *x3.shape,
     )  # fmt: skip
-    fused.backward[group == 0](*args, group, chunks)
+    fused.backward[group == 0](*args, group, group == 0 and plan.by_columns(x3, chunks), chunks)
     return dx3, sum_dy, sum_dy_xmu
 
 

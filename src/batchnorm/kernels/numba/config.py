@@ -95,6 +95,15 @@ ROWS_MAX_INNER = 16  # inner below this: rows kernels; else segments kernels
 # of short segments): the unfused segments passes merge every segment's statistics, 2-3x
 # slower there ((256, 8, 7, 7), (128, 16, 4, 4); kernels-small-maps-before-after.txt)
 ROWS_FALLBACK_INNER = 256
+# The rows kernels' reductions (statistics, gradient sums) split up to this many rows by
+# columns (each thread every row of a block of columns) instead of by rows: with few rows
+# the threads' per-column partials were as large as their share of x, and merging them
+# crossed cores. Fused forward + backward, 2 threads, by rows / by columns (medians,
+# benchmarks/rows_split.py, results/rows_split.json): (16, 8192) 1.26, (32, 4096) 1.22,
+# (64, 2048) 1.16, (128, 1024) 1.09, (128, 2048) 0.99; (256, 1024) 0.94, (1024, 512) 0.80.
+# The elementwise passes stay by rows (by columns they ran up to 2x slower: short strided
+# runs; docs/performance.md).
+COLUMNS_MAX_ROWS = 128
 BLOCK = 4096  # segment elements per two-pass block (a float32 block is 16 KiB: L1)
 # Arrays with fewer elements run as one chunk in the serial build: below it a parallel
 # region's launch and its slowest thread cost more than the second thread saves (2-D

@@ -143,9 +143,9 @@ def _segments_backward(
 @njit(inline="always", **FLAGS)
 def _rows_backward(
     dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any, sum_dy_xmu: Any,
-    count: float, outer: int, channels: int, inner: int, chunks: int,
+    count: float, outer: int, channels: int, inner: int, by_columns: bool, chunks: int,
 ) -> None:  # fmt: skip
-    s1, s2 = rows.grad_sums_inline(dy, x, mean, outer, channels, inner, chunks)
+    s1, s2 = rows.grad_sums_inline(dy, x, mean, outer, channels, inner, by_columns, chunks)
     sum_dy[:] = s1
     sum_dy_xmu[:] = s2
     a, b, c = np.empty(channels), np.empty(channels), np.empty(channels)
@@ -166,14 +166,16 @@ def training_passes(rows_layout: bool) -> tuple[Kernel, Kernel]:
     def forward(
         x: Any, weight: Any, bias: Any, eps: float, running_mean: Any, running_var: Any,
         momentum: float, y: Any, mean: Any, m2: Any, rstd: Any, outer: int, channels: int,
-        inner: int, group: int, block: int, chunks: int,
+        inner: int, group: int, block: int, by_columns: bool, chunks: int,
     ) -> bool:  # fmt: skip
-        # segments: channel groups of ``group``, two-pass blocks of ``block`` values.
-        # Returns whether the running statistics were updated (every mean finite).
+        # segments: channel groups of ``group``, two-pass blocks of ``block`` values; rows:
+        # statistics by chunks of rows or of columns (``by_columns``, rows.span), the
+        # output by rows. Returns whether the running statistics were updated (every mean
+        # finite).
         scale = np.empty(channels)
         shift = np.empty(channels)
         if rows_layout:  # statistics first; the output once scale and shift are known
-            mean[:], m2[:] = rows.stats_inline(x, outer, channels, inner, chunks)
+            mean[:], m2[:] = rows.stats_inline(x, outer, channels, inner, by_columns, chunks)
         else:  # normalizes as it goes, each group from cache
             _segments_forward(x, weight, bias, eps, y, mean, m2, outer, channels, inner,
                               group, block, chunks)  # fmt: skip
@@ -190,11 +192,11 @@ def training_passes(rows_layout: bool) -> tuple[Kernel, Kernel]:
     def backward(
         dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any,
         sum_dy_xmu: Any, count: float, outer: int, channels: int, inner: int, group: int,
-        chunks: int,
+        by_columns: bool, chunks: int,
     ) -> None:  # fmt: skip
         if rows_layout:
             _rows_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, count, outer,
-                           channels, inner, chunks)  # fmt: skip
+                           channels, inner, by_columns, chunks)  # fmt: skip
         else:
             _segments_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, count,
                                outer, channels, inner, group, chunks)  # fmt: skip

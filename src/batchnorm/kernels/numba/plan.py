@@ -17,6 +17,12 @@ def use_rows(x3: np.ndarray) -> bool:
     return inner <= config.ROWS_FALLBACK_INNER and _segments_fusion(x3, 2) == (0, 0)
 
 
+def by_columns(x3: np.ndarray, chunks: int) -> bool:
+    """Whether the rows kernels give each thread a block of columns over every row (few
+    rows: no per-thread partials to merge) rather than a block of rows."""
+    return chunks > 1 and x3.shape[0] <= config.COLUMNS_MAX_ROWS
+
+
 def chunks(x3: np.ndarray) -> int:
     """Chunks for the unfused kernels: rows split by rows, segments by segments."""
     outer, channels, _ = x3.shape

@@ -84,24 +84,35 @@ def _four_rows(r: int, width: int) -> Any:
 
 
 @jit
-def chunk_stats(x: Any, outer: int, width: int, t: int, chunks: int, mean: Any, m2: Any) -> Any:
-    """Chunk t's per-column (mean, m2) written into mean/m2; returns its row count.
+def span(t: int, chunks: int, outer: int, width: int, by_columns: bool) -> Any:
+    """Chunk t's rows [r0, r1) and columns [j0, j1): a block of rows and every column, or
+    (``by_columns``) every row and a block of columns, its edges on multiples of 16 columns
+    (a cache line of float32) so that no two threads write one line of the outputs."""
+    if not by_columns:
+        return outer * t // chunks, outer * (t + 1) // chunks, 0, width
+    j0 = 0 if t == 0 else width * t // chunks // 16 * 16
+    j1 = width if t == chunks - 1 else width * (t + 1) // chunks // 16 * 16
+    return 0, outer, j0, j1
+
+
+@jit
+def chunk_stats(x: Any, r: int, r_end: int, width: int, j0: int, mean: Any, m2: Any) -> Any:
+    """Per-column (mean, m2) of rows [r, r_end) of columns j0 .. j0 + len(mean) - 1,
+    written into mean/m2; returns the row count.
 
     Eight rows at a time, held in registers: their exact two-pass (mean, m2) per column,
     merged into the running column statistics by Chan's formula (the weights f and g of
     :func:`batchnorm.math.chan_merge_step`, alike for every column, are computed once per
     sweep). x is read from memory once. Leftover rows merge one at a time.
     """
-    r = outer * t // chunks
-    r_end = outer * (t + 1) // chunks
     n = 0.0
     while r + 8 <= r_end:
         b0, b1, b2, b3 = _four_rows(r, width)
         b4, b5, b6, b7 = _four_rows(r + 4, width)
         f = 8.0 / (n + 8.0)  # the block's weight in the merged mean
         g = n * f  # n * 8 / (n + 8), the weight of the squared mean difference
-        for j in range(width):
-            u = U(j)
+        for j in range(mean.shape[0]):
+            u = U(j0 + j)
             v0, v1 = np.float64(x[b0 + u]), np.float64(x[b1 + u])
             v2, v3 = np.float64(x[b2 + u]), np.float64(x[b3 + u])
             v4, v5 = np.float64(x[b4 + u]), np.float64(x[b5 + u])
@@ -122,10 +133,10 @@ def chunk_stats(x: Any, outer: int, width: int, t: int, chunks: int, mean: Any, 
         n += 8.0
         r += 8
     while r < r_end:
-        b0 = U(r * width)
+        b0 = U(r * width + j0)
         f = 1.0 / (n + 1.0)
         g = n * f
-        for j in range(width):
+        for j in range(mean.shape[0]):
             if n == 0.0:
                 mean[j] = x[b0 + U(j)]
                 m2[j] = 0.0
@@ -149,29 +160,35 @@ def merge_chunks(counts: Any, means: Any, m2s: Any, channels: int, inner: int) -
     return _fold_columns(n, mean_w, m2_w, channels, inner)
 
 
-def _stats(x: Any, outer: int, channels: int, inner: int, chunks: int) -> Any:
+def _stats(x: Any, outer: int, channels: int, inner: int, by_columns: bool, chunks: int) -> Any:
     width = channels * inner
+    if by_columns:  # every thread all rows of its columns: no partials to merge
+        mean_w = np.empty(width)
+        m2_w = np.empty(width)
+        for t in prange(chunks):
+            r0, r1, j0, j1 = span(t, chunks, outer, width, True)
+            chunk_stats(x, r0, r1, width, j0, mean_w[j0:j1], m2_w[j0:j1])
+        return _fold_columns(float(outer), mean_w, m2_w, channels, inner)
     means = per_chunk(chunks, width)
     m2s = per_chunk(chunks, width)
     counts = np.zeros(chunks)
     for t in prange(chunks):
-        counts[t] = chunk_stats(x, outer, width, t, chunks, means[t, :width], m2s[t, :width])
+        r0, r1, _, _ = span(t, chunks, outer, width, False)
+        counts[t] = chunk_stats(x, r0, r1, width, 0, means[t, :width], m2s[t, :width])
     return merge_chunks(counts, means[:, :width], m2s[:, :width], channels, inner)
 
 
 @jit
 def chunk_grad_sums(
-    dy: Any, x: Any, mean_w: Any, outer: int, t: int, chunks: int, a: Any, b: Any
+    dy: Any, x: Any, mean_w: Any, r: int, r_end: int, width: int, j0: int, a: Any, b: Any
 ) -> None:
-    """Chunk t's per-column sum(dy) and sum(dy * (x - mean)) added into a and b."""
-    width = mean_w.shape[0]
-    r = outer * t // chunks
-    r_end = outer * (t + 1) // chunks
+    """Per-column sum(dy) and sum(dy * (x - mean)) over rows [r, r_end) of columns
+    j0 .. j0 + len(a) - 1 (``mean_w`` theirs), added into a and b."""
     while r + 8 <= r_end:  # eight rows per sweep: one load/store of a and b per eight values
         b0, b1, b2, b3 = _four_rows(r, width)
         b4, b5, b6, b7 = _four_rows(r + 4, width)
-        for j in range(width):
-            u = U(j)
+        for j in range(a.shape[0]):
+            u = U(j0 + j)
             m = mean_w[j]
             g0, g1 = np.float64(dy[b0 + u]), np.float64(dy[b1 + u])
             g2, g3 = np.float64(dy[b2 + u]), np.float64(dy[b3 + u])
@@ -187,8 +204,8 @@ def chunk_grad_sums(
             )
         r += 8
     while r < r_end:
-        b0 = U(r * width)
-        for j in range(width):
+        b0 = U(r * width + j0)
+        for j in range(a.shape[0]):
             g = np.float64(dy[b0 + U(j)])
             a[j] += g
             b[j] += g * (x[b0 + U(j)] - mean_w[j])
@@ -196,14 +213,18 @@ def chunk_grad_sums(
 
 
 def _grad_sums(
-    dy: Any, x: Any, mean: Any, outer: int, channels: int, inner: int, chunks: int
-) -> Any:
+    dy: Any, x: Any, mean: Any, outer: int, channels: int, inner: int, by_columns: bool,
+    chunks: int,
+) -> Any:  # fmt: skip
     width = channels * inner
     mean_w = np.repeat(mean, inner)
-    sdy = per_chunk(chunks, width)
-    sdx = per_chunk(chunks, width)
+    rows_of = 1 if by_columns else chunks  # by columns: one row of sums, each thread its part
+    sdy = per_chunk(rows_of, width)
+    sdx = per_chunk(rows_of, width)
     for t in prange(chunks):
-        chunk_grad_sums(dy, x, mean_w, outer, t, chunks, sdy[t, :width], sdx[t, :width])
+        r0, r1, j0, j1 = span(t, chunks, outer, width, by_columns)
+        k = t % rows_of  # the row of sums: 0 by columns, else the chunk's own
+        chunk_grad_sums(dy, x, mean_w[j0:j1], r0, r1, width, j0, sdy[k, j0:j1], sdx[k, j0:j1])
     return fold_sums(sdy[:, :width], channels, inner), fold_sums(sdx[:, :width], channels, inner)
 
 
