@@ -312,9 +312,12 @@ def test_fused_helpers_match_the_public_passes(
 
 
 def test_fused_helpers_decline_where_they_would_not_gain(monkeypatch: pytest.MonkeyPatch) -> None:
-    short = np.zeros((4, 3, 300), np.float32)  # all 3 channels make a run of 3.5 KiB only
-    assert nb.fused_forward(short, None, None, 1e-5) is None
-    assert nb.fused_backward(short, short, np.zeros(3), np.ones(3), None, 1200) is None
+    whole = np.zeros((4, 3, 300), np.float32)  # every channel in one group: x is one run
+    assert plan.fusable(whole, 1) == (1, 3)
+    monkeypatch.setattr(config, "FUSE_RUN_BYTES", 2400)  # groups of 2: runs of 2.3 KiB
+    assert nb.fused_forward(whole, None, None, 1e-5) is None
+    assert nb.fused_backward(whole, whole, np.zeros(3), np.ones(3), None, 1200) is None
+    monkeypatch.undo()
     rows = np.zeros((4, 8, 49), np.float32)  # shorter segments go to the rows kernels instead
     assert plan.use_rows(rows) and nb.fused_forward(rows, None, None, 1e-5) is not None
     monkeypatch.setattr(config, "FUSE_MAX_BYTES", 8192)
