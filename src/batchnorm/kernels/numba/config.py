@@ -229,7 +229,7 @@ def num_threads() -> int:
 def set_threads(n: int) -> int:
     """Use ``n`` threads (clamped to numba's pool) in this thread; returns the previous count.
     Numba's count is per calling thread; setting it is skipped when unchanged (7 us a call)."""
-    previous = int((_POOL or _start_pool())[1]())  # num_threads(), one call less: hot path
+    previous = num_threads()
     want = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     if want != previous:
         numba.set_num_threads(want)
@@ -245,4 +245,4 @@ def chunks(size: int, units: int, minimum: int | None = None) -> int:
         return max(1, min(CHUNKS, units))
     if size < (PARALLEL_MIN if minimum is None else minimum):
         return 1
-    return max(1, min(int((_POOL or _start_pool())[1]()), units))  # num_threads()
+    return max(1, min(num_threads(), units))

@@ -4,10 +4,13 @@ maps up to ``ROWS_FALLBACK_INNER`` values that the fused segments passes decline
 
 The array is ``outer`` rows of ``W = C * inner`` columns. A thread takes a block of rows and
 accumulates per column, vectorized along the row; columns fold into channels and threads
-merge their partials at the end. Statistics take eight rows at a time in registers (an
-exact two-pass over the eight) and merge them, columns and threads with Chan's formula
-(:func:`batchnorm.math.chan_merge_step`), reading x from memory once. The gradient sums
-take eight rows a sweep too (one load and store of a column's sums per eight values).
+merge their partials at the end. With few rows (:func:`.plan.by_columns`) the reductions
+give a thread every row of a block of columns instead (:func:`span`), and nothing is merged
+across threads; the elementwise passes always go by rows. Statistics take eight rows at a
+time in registers (an exact two-pass over the eight) and merge them, columns and threads
+with Chan's formula (:func:`batchnorm.math.chan_merge_step`), reading x from memory once.
+The gradient sums take eight rows a sweep too (one load and store of a column's sums per
+eight values).
 """
 
 from __future__ import annotations
