@@ -86,8 +86,9 @@ def merge_all(counts: Sequence[float], means: Sequence[T], m2s: Sequence[T]) -> 
 
 # --- forward and backward coefficients --------------------------------------------------------
 def inverse_std(var: Any, eps: float) -> Any:
-    """rstd = 1 / sqrt(var + eps)."""
-    return (var + eps) ** -0.5
+    """rstd = 1 / sqrt(var + eps), computed so: as PyTorch's CPU kernel and our Triton kernel
+    do (``(var + eps) ** -0.5`` can differ by an ulp, and NumPy's pow is slower than sqrt)."""
+    return 1.0 / (var + eps) ** 0.5
 
 
 def grad_coefficients(weight: Any, rstd: Any, sum_dy: Any, sum_dy_xmu: Any, count: Any) -> Any:
