@@ -55,12 +55,14 @@ def _stats(x: Any, outer: int, channels: int, inner: int, block: int, chunks: in
     means = per_chunk(chunks, channels)
     m2s = per_chunk(chunks, channels)
     for t in prange(chunks):
-        for k in range(segs * t // chunks, segs * (t + 1) // chunks):
-            c = k % channels
+        k0 = segs * t // chunks
+        c = k0 % channels  # then counted along (see elementwise)
+        for k in range(k0, segs * (t + 1) // chunks):
             bm, q = segment_stats(x, k * inner, inner, block)
             cnts[t, c], means[t, c], m2s[t, c] = chan_merge_step(
                 cnts[t, c], means[t, c], m2s[t, c], float(inner), bm, q
             )
+            c = 0 if c == channels - 1 else c + 1
     mean = np.zeros(channels)
     m2 = np.zeros(channels)
     n = np.zeros(channels)
@@ -80,8 +82,9 @@ def _grad_sums(
     sdy = per_chunk(chunks, channels)
     sdx = per_chunk(chunks, channels)
     for t in prange(chunks):
-        for k in range(segs * t // chunks, segs * (t + 1) // chunks):
-            c = k % channels
+        k0 = segs * t // chunks
+        c = k0 % channels  # then counted along (see elementwise)
+        for k in range(k0, segs * (t + 1) // chunks):
             base = U(k * inner)
             m = mean[c]
             a = 0.0
@@ -92,6 +95,7 @@ def _grad_sums(
                 b += g * (x[base + U(i)] - m)
             sdy[t, c] += a
             sdx[t, c] += b
+            c = 0 if c == channels - 1 else c + 1
     return sdy[:, :channels].sum(axis=0), sdx[:, :channels].sum(axis=0)
 
 
@@ -116,8 +120,9 @@ def elementwise(kind: int) -> Kernel:
     ) -> None:
         segs = outer * channels
         for t in prange(chunks):
-            for k in range(segs * t // chunks, segs * (t + 1) // chunks):
-                c = k % channels
+            k0 = segs * t // chunks
+            c = k0 % channels  # then counted along: a division a segment slowed short ones
+            for k in range(k0, segs * (t + 1) // chunks):
                 mc = mean[c]
                 pc = p[c]
                 qc = q[c]
@@ -126,6 +131,7 @@ def elementwise(kind: int) -> Kernel:
                 for j in range(inner):
                     i = base + U(j)
                     out[i] = ops.formula(kind, x[i], dy[i], mc, pc, qc, rc)
+                c = 0 if c == channels - 1 else c + 1
 
     return Kernel(body)
 
