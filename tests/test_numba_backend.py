@@ -85,6 +85,8 @@ def test_path_switches() -> None:
     assert plan.use_rows(np.empty((256, 8, 49), np.float32))  # runs of 1.5 KiB: not fused
     assert plan.fusable(np.empty((256, 8, 49), np.float32), 1) == (0, 0)
     assert not plan.use_rows(np.empty((32, 64, 64), np.float32))  # fused segments take these
+    assert plan.rows_for_stats(np.empty((32, 64, 64), np.float32))  # ...but not the statistics
+    assert not plan.rows_for_stats(np.empty((4, 3, config.ROWS_FALLBACK_INNER + 1)))
     assert config.chunks(10, 10) == 1  # small arrays: one chunk, the serial build
 
 

@@ -43,8 +43,8 @@ def channel_stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x3 = np.ascontiguousarray(x3)
     outer, channels, inner = x3.shape
     x = x3.reshape(-1)
-    if plan.use_rows(x3):
-        chunks = plan.chunks(x3)
+    if plan.rows_for_stats(x3):
+        chunks = config.chunks(x3.size, outer)
         return rows.stats(x, outer, channels, inner, plan.by_columns(x3, chunks), chunks)  # type: ignore[no-any-return]
     return segments.stats(x, outer, channels, inner, config.BLOCK, plan.chunks(x3))  # type: ignore[no-any-return]
 

@@ -93,7 +93,10 @@ PARALLEL_FLAGS: dict[str, Any] = {**FLAGS, "parallel": True}
 ROWS_MAX_INNER = 16  # inner below this: rows kernels; else segments kernels
 # ...and rows kernels up to this inner where the fused segments passes decline (few channels
 # of short segments): the unfused segments passes merge every segment's statistics, 2-3x
-# slower there ((256, 8, 7, 7), (128, 16, 4, 4); kernels-small-maps-before-after.txt)
+# slower there ((256, 8, 7, 7), (128, 16, 4, 4); kernels-small-maps-before-after.txt). The
+# unfused statistics (SyncBatchNorm, the family modules) take the rows kernels up to it in
+# any case: 1.1-9.7x faster there but on (8, 3, 16, 16) (3.7 against 4.1 us); beyond it
+# mixed, 0.75x on 224x224 maps (benchmarks/stats_family.py, results/stats_family.json).
 ROWS_FALLBACK_INNER = 256
 # The rows kernels' reductions (statistics, gradient sums) split up to this many rows by
 # columns (each thread every row of a block of columns) instead of by rows: with few rows

@@ -17,6 +17,13 @@ def use_rows(x3: np.ndarray) -> bool:
     return inner <= config.ROWS_FALLBACK_INNER and _segments_fusion(x3, 2) == (0, 0)
 
 
+def rows_for_stats(x3: np.ndarray) -> bool:
+    """Rows kernels for the unfused statistics: where :func:`use_rows` says, and for every
+    map up to :data:`~.config.ROWS_FALLBACK_INNER` values (faster there than segments'
+    statistics, which merge every segment; the fused passes choose apart)."""
+    return use_rows(x3) or x3.shape[2] <= config.ROWS_FALLBACK_INNER
+
+
 def by_columns(x3: np.ndarray, chunks: int) -> bool:
     """Whether the rows kernels give each thread a block of columns over every row (few
     rows: no per-thread partials to merge) rather than a block of rows."""
