@@ -101,7 +101,7 @@ def traced(*tensors: torch.Tensor | None) -> bool:
     is visible to it (our kernels run through NumPy, which no tracer sees). An fx ``Proxy``
     counts as an override (it defines ``__torch_function__``)."""
     return (
-        torch._C._get_tracing_state() is not None  # torch.jit.trace (what is_tracing reads)
+        torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or torch.compiler.is_compiling()
         or has_torch_function_variadic(*tensors)

@@ -242,14 +242,12 @@ def apply(kind: int) -> Any:
         x: Any, dy: Any, m: Any, p: Any, q: Any, r: Any, out: Any, outer: int, t: int, chunks: int
     ) -> None:
         width = m.shape[0]
-        first = outer * t // chunks
-        last = outer * (t + 1) // chunks - 1
+        first, end, _, _ = span(t, chunks, outer, width, False)  # the reductions' rows
         # last row first: the statistics or sums pass before this one went first to last, so
         # the rows it read last are the ones still in cache (pays where a thread's rows
         # outgrow L2; docs/performance.md)
-        for k in range(last - first + 1):
-            row = last - k
-            base = U(row * width)
+        for k in range(end - first):
+            base = U((end - 1 - k) * width)
             for j in range(width):
                 i = base + U(j)
                 out[i] = ops.formula(kind, x[i], dy[i], m[j], p[j], q[j], r[j])
