@@ -416,4 +416,4 @@ def test_inverse_std_is_one_over_sqrt_as_pytorch_computes_it(rng):
     pytest.importorskip("numba")
     from batchnorm.kernels.numba import config
 
-    assert all(config.inverse_std(v, 1e-5) == w for v, w in zip(var[:200], want[:200]))
+    assert all(config.inverse_std(v, 1e-5) == w for v, w in zip(var[:200], want[:200], strict=True))
