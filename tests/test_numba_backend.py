@@ -389,6 +389,37 @@ def test_rows_training_passes_in_one_call(path: str, shape3: tuple[int, int, int
         np.testing.assert_array_equal(rv, before[1])
 
 
+@pytest.mark.parametrize("shape3", [(50, 7, 1), (9, 4, 3), (6, 40, 16), (3, 5, 70)], ids=str)
+def test_eval_pass_in_one_call(path: str, shape3: tuple[int, int, int]) -> None:
+    """The eval forward's one call (coefficients from the running statistics, then
+    normalize) gives what the public pass gives with the coefficients written out here."""
+    eps = 1e-3
+    for dtype in _dtypes(path):
+        x, _ = _data(shape3, dtype)
+        channels = shape3[1]
+        rng = np.random.default_rng(6)
+        w = (1.0 + 0.2 * rng.standard_normal(channels)).astype(dtype)
+        b = rng.standard_normal(channels).astype(dtype)
+        rm = rng.standard_normal(channels).astype(dtype)
+        rv = (0.5 + rng.random(channels)).astype(dtype)
+        rstd0 = 1.0 / np.sqrt(rv.astype(np.float64) + eps)
+        for weight, bias in ((w, b), (None, None)):
+            y, mean, rstd = nb.fused_eval(x, weight, bias, rm, rv, eps)
+            np.testing.assert_array_equal(mean, rm.astype(np.float64))
+            np.testing.assert_allclose(rstd, rstd0, rtol=1e-15)
+            scale = rstd0 * (1.0 if weight is None else w)
+            shift = np.zeros(channels) if bias is None else b.astype(np.float64)
+            assert y.dtype == x.dtype and y.shape == x.shape
+            np.testing.assert_allclose(y, npb.normalize(x, mean, scale, shift), **TOL[dtype])
+
+
+def test_eval_takes_the_rows_pass_on_short_segments() -> None:
+    assert plan.rows_for_eval(np.empty((64, 128, 16), np.float32))  # 4x4 maps: rows
+    assert not plan.use_rows(np.empty((64, 128, 16), np.float32))  # (training: segments)
+    assert not plan.rows_for_eval(np.empty((32, 64, 64), np.float32))  # 8x8 maps: segments
+    assert plan.rows_for_eval(np.empty((60, 100, 1), np.float32))  # 2-D
+
+
 def test_threads_sets_and_restores() -> None:
     import numba
 

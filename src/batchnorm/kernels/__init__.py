@@ -68,6 +68,21 @@ class Kernels(Protocol):
         :func:`batchnorm.math.grad_coefficients` (batch statistics over ``count`` values).
         """
 
+    def fused_eval(
+        self,
+        x3: Any,
+        weight: Any | None,
+        bias: Any | None,
+        running_mean: Any,
+        running_var: Any,
+        eps: float,
+    ) -> tuple[Any, Any, Any] | None:
+        """Eval forward in one call: ``(y3, mean, rstd)``, or None.
+
+        The same numbers as ``normalize`` with ``mean = running_mean``,
+        ``rstd = inverse_std(running_var, eps)``, ``scale = weight * rstd``, ``shift = bias``.
+        """
+
 
 def _load(name: str) -> Kernels:
     if name not in _loaded:

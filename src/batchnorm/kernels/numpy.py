@@ -91,7 +91,7 @@ def _decline(*_args: object, **_kwargs: object) -> None:
     return None
 
 
-fused_forward = fused_backward = _decline
+fused_forward = fused_backward = fused_eval = _decline
 
 
 # --- fused BN + ReLU (+ residual): used by batchnorm.torch.BatchNormReLU* ----------------------

@@ -107,6 +107,11 @@ ROWS_FALLBACK_INNER = 256
 # The elementwise passes stay by rows (by columns they ran up to 2x slower: short strided
 # runs; docs/performance.md).
 COLUMNS_MAX_ROWS = 128
+# The eval pass (normalize alone) takes the rows kernels up to this inner too: rows/segments
+# 0.56-0.72 on 4x4 and 5x5 maps, 0.97-1.08 on 6x6 and 7x7, 1.6-2.0 from 8x8 on (the rows
+# pass loads per-column coefficients, C * inner of them; benchmarks/eval_layout.py,
+# results/eval_layout.json).
+EVAL_ROWS_MAX_INNER = 32
 BLOCK = 4096  # segment elements per two-pass block (a float32 block is 16 KiB: L1)
 # Arrays with fewer elements run as one chunk in the serial build: below it a parallel
 # region's launch and its slowest thread cost more than the second thread saves (2-D

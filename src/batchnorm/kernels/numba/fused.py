@@ -1,9 +1,11 @@
-"""Training passes in one compiled call each: statistics, the per-channel arithmetic, output.
+"""Forward and backward passes in one compiled call each: statistics, the per-channel
+arithmetic, output.
 
 :data:`forward` and :data:`backward` hold a kernel per layout (:func:`training_passes`;
 :func:`.plan.fused` decides) and finish with the per-channel arithmetic
 (:func:`.ops.batch_coefficients`, :func:`batchnorm.math.grad_coefficients`), so a training
-pass costs one dispatch.
+pass costs one dispatch; :data:`evaluate` (:func:`eval_pass`) does the same for eval, its
+coefficients from the running statistics (:func:`.ops.eval_coefficients`).
 
 *rows* (2-D, channels-last): the rows kernels' chunks, then the elementwise pass.
 
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from batchnorm.kernels.numba import ops, rows
+from batchnorm.kernels.numba import ops, rows, segments
 from batchnorm.kernels.numba.config import (
     FLAGS,
     Kernel,
@@ -204,6 +206,31 @@ def training_passes(rows_layout: bool) -> tuple[Kernel, Kernel]:
     return Kernel(forward), Kernel(backward)
 
 
+def eval_pass(rows_layout: bool) -> Kernel:
+    """The eval forward of one layout: the coefficients from the running statistics, then
+    the normalize pass (rows, or segments one at a time)."""
+
+    def evaluate(
+        x: Any, weight: Any, bias: Any, eps: float, running_mean: Any, running_var: Any,
+        y: Any, mean: Any, rstd: Any, outer: int, channels: int, inner: int, chunks: int,
+    ) -> None:  # fmt: skip
+        scale = np.empty(channels)
+        shift = np.empty(channels)
+        ops.eval_coefficients(running_mean, running_var, weight, bias, eps, mean, rstd, scale,
+                              shift)  # fmt: skip
+        if rows_layout:
+            m, s, b, _ = rows.columns(ops.NORMALIZE, x, mean, scale, shift, shift, inner)
+            for t in prange(chunks):
+                rows.normalize_chunk(x, x, m, s, b, b, y, outer, t, chunks)
+        else:
+            for t in prange(chunks):
+                segments.normalize_chunk(x, x, mean, scale, shift, shift, y, outer, channels,
+                                         inner, t, chunks)  # fmt: skip
+
+    return Kernel(evaluate)
+
+
 _ROWS, _SEGMENTS = training_passes(True), training_passes(False)
 forward = {True: _ROWS[0], False: _SEGMENTS[0]}  # by layout: True for rows
 backward = {True: _ROWS[1], False: _SEGMENTS[1]}
+evaluate = {True: eval_pass(True), False: eval_pass(False)}

@@ -82,3 +82,23 @@ def batch_coefficients(
                 running_mean[c], running_var[c], mean[c], m2[c], count, momentum
             )
     return ok
+
+
+@jit
+def eval_coefficients(
+    running_mean: Any,
+    running_var: Any,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    mean: Any,
+    rstd: Any,
+    scale: Any,
+    shift: Any,
+) -> None:
+    """mean, rstd, and normalize's scale and shift, from the running statistics (eval)."""
+    for c in range(mean.shape[0]):
+        mean[c] = running_mean[c]
+        rstd[c] = inverse_std(running_var[c], eps)
+        scale[c] = weight[c] * rstd[c]
+        shift[c] = bias[c]

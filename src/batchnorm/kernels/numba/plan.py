@@ -24,6 +24,12 @@ def rows_for_stats(x3: np.ndarray) -> bool:
     return use_rows(x3) or x3.shape[2] <= config.ROWS_FALLBACK_INNER
 
 
+def rows_for_eval(x3: np.ndarray) -> bool:
+    """Rows kernels for the eval pass: where :func:`use_rows` says, and for maps up to
+    :data:`~.config.EVAL_ROWS_MAX_INNER` values, whose segments are too short to stream."""
+    return use_rows(x3) or x3.shape[2] <= config.EVAL_ROWS_MAX_INNER
+
+
 def by_columns(x3: np.ndarray, chunks: int) -> bool:
     """Whether the rows kernels give each thread a block of columns over every row (few
     rows: no per-thread partials to merge) rather than a block of rows."""

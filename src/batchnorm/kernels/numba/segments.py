@@ -16,7 +16,15 @@ import numpy as np
 from numba import prange
 
 from batchnorm.kernels.numba import ops
-from batchnorm.kernels.numba.config import Kernel, U, chan_merge_step, jit, per_chunk
+from batchnorm.kernels.numba.config import (
+    Kernel,
+    U,
+    chan_merge_step,
+    distinct_name,
+    jit,
+    per_chunk,
+    renamed,
+)
 
 
 @jit
@@ -99,39 +107,47 @@ def _grad_sums(
     return sdy[:, :channels].sum(axis=0), sdx[:, :channels].sum(axis=0)
 
 
-def elementwise(kind: int) -> Kernel:
-    """The segments pass ``out = formula(x, dy, mean, p, q, r)``, per-channel mean, p, q, r.
+def apply(kind: int) -> Any:
+    """Compiled ``out = formula(x, dy, mean, p, q, r)`` over chunk t's segments, per-channel
+    mean, p, q, r. One template for normalize and grad_input (``kind``, see :mod:`.ops`)."""
 
-    One template for normalize and grad_input (``kind``, see :mod:`.ops`).
-    """
+    def chunk(
+        x: Any, dy: Any, mean: Any, p: Any, q: Any, r: Any, out: Any, outer: int,
+        channels: int, inner: int, t: int, chunks: int,
+    ) -> None:  # fmt: skip
+        segs = outer * channels
+        k0 = segs * t // chunks
+        c = k0 % channels  # then counted along: a division a segment slowed short ones
+        for k in range(k0, segs * (t + 1) // chunks):
+            mc = mean[c]
+            pc = p[c]
+            qc = q[c]
+            rc = r[c]
+            base = U(k * inner)
+            for j in range(inner):
+                i = base + U(j)
+                out[i] = ops.formula(kind, x[i], dy[i], mc, pc, qc, rc)
+            c = 0 if c == channels - 1 else c + 1
+
+    return jit(renamed(chunk, distinct_name(chunk)))
+
+
+normalize_chunk = apply(ops.NORMALIZE)
+grad_input_chunk = apply(ops.GRAD_INPUT)
+
+
+def elementwise(kind: int) -> Kernel:
+    """The segments pass of formula ``kind`` with per-channel mean, p, q, r."""
 
     def body(
-        x: Any,
-        dy: Any,
-        mean: Any,
-        p: Any,
-        q: Any,
-        r: Any,
-        out: Any,
-        outer: int,
-        channels: int,
-        inner: int,
-        chunks: int,
-    ) -> None:
-        segs = outer * channels
+        x: Any, dy: Any, mean: Any, p: Any, q: Any, r: Any, out: Any, outer: int,
+        channels: int, inner: int, chunks: int,
+    ) -> None:  # fmt: skip
         for t in prange(chunks):
-            k0 = segs * t // chunks
-            c = k0 % channels  # then counted along: a division a segment slowed short ones
-            for k in range(k0, segs * (t + 1) // chunks):
-                mc = mean[c]
-                pc = p[c]
-                qc = q[c]
-                rc = r[c]
-                base = U(k * inner)
-                for j in range(inner):
-                    i = base + U(j)
-                    out[i] = ops.formula(kind, x[i], dy[i], mc, pc, qc, rc)
-                c = 0 if c == channels - 1 else c + 1
+            if kind == ops.NORMALIZE:
+                normalize_chunk(x, dy, mean, p, q, r, out, outer, channels, inner, t, chunks)
+            else:
+                grad_input_chunk(x, dy, mean, p, q, r, out, outer, channels, inner, t, chunks)
 
     return Kernel(body)
 
