@@ -12,15 +12,15 @@ view, never a copy).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How an N-d array is seen as a C-contiguous (outer, C, inner) array, and back."""
+class Layout(NamedTuple):
+    """How an N-d array is seen as a C-contiguous (outer, C, inner) array, and back.
+
+    A named tuple: made on every call, and a frozen dataclass cost 0.6 us more to make."""
 
     shape: tuple[int, ...]
     axis: int
