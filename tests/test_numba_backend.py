@@ -88,6 +88,9 @@ def test_path_switches() -> None:
     assert plan.rows_for_stats(np.empty((32, 64, 64), np.float32))  # ...but not the statistics
     assert not plan.rows_for_stats(np.empty((4, 3, config.ROWS_FALLBACK_INNER + 1)))
     assert config.chunks(10, 10) == 1  # small arrays: one chunk, the serial build
+    assert plan.one_region(np.empty((32, 4096, 1), np.float32), 2)  # 8 KiB of a row a thread
+    assert not plan.one_region(np.empty((128, 1024, 1), np.float32), 2)  # 2 KiB
+    assert not plan.one_region(np.empty((32, 4096, 3), np.float32), 2)  # maps: by rows
 
 
 @pytest.mark.parametrize("shape3", SHAPES3, ids=str)
@@ -349,9 +352,25 @@ def test_fused_group_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert group((64, 3, 50176), 1) == 0  # 12 MiB a channel: not fused
 
 
-@pytest.mark.parametrize("shape3", [(50, 7, 1), (9, 4, 3)], ids=str)
-def test_rows_training_passes_in_one_call(path: str, shape3: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize(
+    "shape3",
+    [
+        (50, 7, 1),
+        (9, 4, 3),
+        # parallel: by columns in one region (runs of 16 bytes suffice here), blocks of 16
+        # and 24 channels and an empty one
+        (20, 40, 1),
+    ],
+    ids=str,
+)
+def test_rows_training_passes_in_one_call(
+    path: str, shape3: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rows layouts always take the one-call training passes; numbers as the public passes."""
+    monkeypatch.setattr(config, "FUSE_MIN_RUN_BYTES", 16)
+    if path == "parallel":
+        x3 = np.empty(shape3, np.float32)
+        assert plan.one_region(x3, 3) == (shape3 == (20, 40, 1))
     eps, momentum = 1e-5, 0.3
     for dtype in _dtypes(path):
         x, dy = _data(shape3, dtype)

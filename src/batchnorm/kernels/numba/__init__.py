@@ -126,10 +126,11 @@ def fused_forward(
     x = np.ascontiguousarray(x3).reshape(-1)
     y3 = buffers.empty_like(x3)
     mean, m2, rstd = np.empty(channels), np.empty(channels), np.empty(channels)
+    by_columns = group == 0 and plan.by_columns(x3, chunks)
     ok = fused.forward[group == 0](
         x, w, b, float(eps), rm, rv, float(momentum), y3.reshape(-1), mean, m2, rstd,
-        outer, channels, inner, group, config.BLOCK, group == 0 and plan.by_columns(x3, chunks),
-        chunks,
+        outer, channels, inner, group, config.BLOCK, by_columns,
+        by_columns and plan.one_region(x3, chunks), chunks,
     )  # fmt: skip
     if ok:
         for given, used in ((running_mean, rm), (running_var, rv)):
@@ -164,7 +165,9 @@ def fused_backward(
         dy.reshape(-1), x.reshape(-1), float64s(mean), float64s(rstd), w, dx3.reshape(-1),
         sum_dy, sum_dy_xmu, float(max(count, 1)), *x3.shape,
     )  # fmt: skip
-    fused.backward[group == 0](*args, group, group == 0 and plan.by_columns(x3, chunks), chunks)
+    by_columns = group == 0 and plan.by_columns(x3, chunks)
+    fused.backward[group == 0](*args, group, by_columns, by_columns and plan.one_region(x3, chunks),
+                               chunks)  # fmt: skip
     return dx3, sum_dy, sum_dy_xmu
 
 
@@ -204,7 +207,7 @@ def warm_up(dtypes: tuple[str, ...] = ("float32", "float64")) -> dict[str, objec
         for chunks in (1, 2):
             config.CHUNKS = chunks
             for dtype in dtypes:
-                for shape in ((8, 2, 1), (4, 2, 32)):  # rows, segments
+                for shape in ((8, 2, 1), (4, 2, 64)):  # rows, segments (eval too)
                     x = np.linspace(0.0, 1.0, int(np.prod(shape)), dtype=dtype).reshape(shape)
                     mean, m2 = channel_stats(x)
                     ones = np.ones(shape[1])

@@ -34,6 +34,8 @@ from batchnorm.kernels.numba.config import (
     U,
     grad_coefficients,
     inverse_std,
+    jit,
+    per_chunk,
 )
 from batchnorm.kernels.numba.segments import block_stats, segment_stats
 
@@ -142,6 +144,67 @@ def _segments_backward(
                         width)  # fmt: skip
 
 
+@jit
+def _grad_coefficient_vectors(
+    weight: Any, rstd: Any, sum_dy: Any, sum_dy_xmu: Any, count: float
+) -> Any:
+    """Per-channel (a, b, c) of the dx formula (:func:`batchnorm.math.grad_coefficients`)."""
+    channels = rstd.shape[0]
+    a, b, c = np.empty(channels), np.empty(channels), np.empty(channels)
+    for k in range(channels):  # per channel: no temporaries, one loop
+        a[k], b[k], c[k] = grad_coefficients(weight[k], rstd[k], sum_dy[k], sum_dy_xmu[k], count)
+    return a, b, c
+
+
+@njit(inline="always", **FLAGS)
+def _columns_forward(
+    x: Any, weight: Any, bias: Any, eps: float, running_mean: Any, running_var: Any,
+    momentum: float, y: Any, mean: Any, m2: Any, rstd: Any, outer: int, channels: int,
+    chunks: int,
+) -> bool:  # fmt: skip
+    """The rows forward by columns (2-D and channels-last, few rows: :func:`.plan.by_columns`)
+    in one parallel region: a thread reduces every row of its block of channels, makes their
+    coefficients and normalizes the block, from its cache; nothing is merged across threads
+    and no per-channel work is left serial but the running statistics' update."""
+    count = float(outer)
+    bad = per_chunk(chunks, 1)
+    none = np.empty(0)
+    for t in prange(chunks):
+        _, _, j0, j1 = rows.span(t, chunks, outer, channels, True)
+        rows.chunk_stats(x, 0, outer, channels, j0, mean[j0:j1], m2[j0:j1])
+        scale = np.empty(j1 - j0)
+        shift = np.empty(j1 - j0)
+        ok = ops.batch_coefficients(
+            mean[j0:j1], m2[j0:j1], count, eps, weight[j0:j1], bias[j0:j1], none, none, 0.0,
+            rstd[j0:j1], scale, shift,
+        )  # fmt: skip
+        bad[t, 0] = 0.0 if ok else 1.0
+        m, s, b, _ = rows.columns(ops.NORMALIZE, x, mean[j0:j1], scale, shift, shift, 1)
+        rows.block(ops.NORMALIZE, x, x, m, s, b, b, y, 0, outer, channels, j0)
+    finite = bad[:, 0].sum() == 0.0
+    if finite:
+        ops.update_running(mean, m2, count, running_mean, running_var, momentum)
+    return finite
+
+
+@njit(inline="always", **FLAGS)
+def _columns_backward(
+    dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any, sum_dy_xmu: Any,
+    count: float, outer: int, channels: int, chunks: int,
+) -> None:  # fmt: skip
+    """The rows backward by columns, in one parallel region (see :func:`_columns_forward`)."""
+    for t in prange(chunks):
+        _, _, j0, j1 = rows.span(t, chunks, outer, channels, True)
+        sum_dy[j0:j1] = 0.0
+        sum_dy_xmu[j0:j1] = 0.0
+        rows.chunk_grad_sums(dy, x, mean[j0:j1], 0, outer, channels, j0, sum_dy[j0:j1],
+                             sum_dy_xmu[j0:j1])  # fmt: skip
+        a, b, c = _grad_coefficient_vectors(weight[j0:j1], rstd[j0:j1], sum_dy[j0:j1],
+                                            sum_dy_xmu[j0:j1], count)  # fmt: skip
+        m, aw, bw, cw = rows.columns(ops.GRAD_INPUT, x, mean[j0:j1], a, b, c, 1)
+        rows.block(ops.GRAD_INPUT, x, dy, m, aw, bw, cw, dx, 0, outer, channels, j0)
+
+
 @njit(inline="always", **FLAGS)
 def _rows_backward(
     dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any, sum_dy_xmu: Any,
@@ -150,9 +213,7 @@ def _rows_backward(
     s1, s2 = rows.grad_sums_inline(dy, x, mean, outer, channels, inner, by_columns, chunks)
     sum_dy[:] = s1
     sum_dy_xmu[:] = s2
-    a, b, c = np.empty(channels), np.empty(channels), np.empty(channels)
-    for k in range(channels):  # per channel: no temporaries, one loop
-        a[k], b[k], c[k] = grad_coefficients(weight[k], rstd[k], sum_dy[k], sum_dy_xmu[k], count)
+    a, b, c = _grad_coefficient_vectors(weight, rstd, sum_dy, sum_dy_xmu, count)
     mean_w, aw, bw, cw = rows.columns(ops.GRAD_INPUT, x, mean, a, b, c, inner)
     for t in prange(chunks):
         rows.grad_input_chunk(x, dy, mean_w, aw, bw, cw, dx, outer, t, chunks)
@@ -168,12 +229,15 @@ def training_passes(rows_layout: bool) -> tuple[Kernel, Kernel]:
     def forward(
         x: Any, weight: Any, bias: Any, eps: float, running_mean: Any, running_var: Any,
         momentum: float, y: Any, mean: Any, m2: Any, rstd: Any, outer: int, channels: int,
-        inner: int, group: int, block: int, by_columns: bool, chunks: int,
+        inner: int, group: int, block: int, by_columns: bool, one_region: bool, chunks: int,
     ) -> bool:  # fmt: skip
         # segments: channel groups of ``group``, two-pass blocks of ``block`` values; rows:
         # statistics by chunks of rows or of columns (``by_columns``, rows.span), the
         # output by rows. Returns whether the running statistics were updated (every mean
         # finite).
+        if rows_layout and one_region:
+            return _columns_forward(x, weight, bias, eps, running_mean, running_var, momentum,
+                                    y, mean, m2, rstd, outer, channels, chunks)  # fmt: skip
         scale = np.empty(channels)
         shift = np.empty(channels)
         if rows_layout:  # statistics first; the output once scale and shift are known
@@ -194,9 +258,12 @@ def training_passes(rows_layout: bool) -> tuple[Kernel, Kernel]:
     def backward(
         dy: Any, x: Any, mean: Any, rstd: Any, weight: Any, dx: Any, sum_dy: Any,
         sum_dy_xmu: Any, count: float, outer: int, channels: int, inner: int, group: int,
-        by_columns: bool, chunks: int,
+        by_columns: bool, one_region: bool, chunks: int,
     ) -> None:  # fmt: skip
-        if rows_layout:
+        if rows_layout and one_region:
+            _columns_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, count, outer,
+                              channels, chunks)  # fmt: skip
+        elif rows_layout:
             _rows_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xmu, count, outer,
                            channels, inner, by_columns, chunks)  # fmt: skip
         else:

@@ -77,11 +77,19 @@ def batch_coefficients(
         shift[c] = bias[c]
     ok = not bad
     if ok:
-        for c in range(running_mean.shape[0]):
-            running_mean[c], running_var[c] = running_stats(
-                running_mean[c], running_var[c], mean[c], m2[c], count, momentum
-            )
+        update_running(mean, m2, count, running_mean, running_var, momentum)
     return ok
+
+
+@jit
+def update_running(
+    mean: Any, m2: Any, count: float, running_mean: Any, running_var: Any, momentum: float
+) -> None:
+    """The running statistics (empty arrays: none) after a batch's (mean, m2), in place."""
+    for c in range(running_mean.shape[0]):
+        running_mean[c], running_var[c] = running_stats(
+            running_mean[c], running_var[c], mean[c], m2[c], count, momentum
+        )
 
 
 @jit

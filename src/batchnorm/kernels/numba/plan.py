@@ -36,6 +36,16 @@ def by_columns(x3: np.ndarray, chunks: int) -> bool:
     return chunks > 1 and x3.shape[0] <= config.COLUMNS_MAX_ROWS
 
 
+def one_region(x3: np.ndarray, chunks: int) -> bool:
+    """Whether a fused rows pass split by columns (:func:`by_columns`) also makes its
+    elementwise pass by columns, in the same parallel region: 2-D and channels-last inputs
+    whose threads' blocks of a row are runs of :data:`~.config.FUSE_MIN_RUN_BYTES` at least
+    (shorter runs, strided by a row, stream badly). Each thread then computes its own
+    channels' coefficients: no per-channel work is left serial."""
+    outer, channels, inner = x3.shape
+    return inner == 1 and channels * x3.itemsize >= chunks * config.FUSE_MIN_RUN_BYTES
+
+
 def chunks(x3: np.ndarray) -> int:
     """Chunks for the unfused kernels: rows split by rows, segments by segments."""
     outer, channels, _ = x3.shape

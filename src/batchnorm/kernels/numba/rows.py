@@ -231,6 +231,24 @@ def _grad_sums(
     return fold_sums(sdy[:, :width], channels, inner), fold_sums(sdx[:, :width], channels, inner)
 
 
+@njit(inline="always", **FLAGS)
+def block(
+    kind: int, x: Any, dy: Any, m: Any, p: Any, q: Any, r: Any, out: Any, first: int, end: int,
+    width: int, j0: int,
+) -> None:  # fmt: skip
+    """``out = formula(x, dy, m, p, q, r)`` over rows [first, end) of columns j0 ..
+    j0 + len(m) - 1, rows ``width`` long, per-column vectors. Inlined, so that ``kind``, a
+    constant where it is called, folds away."""
+    # last row first: the statistics or sums pass before this one went first to last, so the
+    # rows it read last are the ones still in cache (pays where a thread's rows outgrow L2;
+    # docs/performance.md)
+    for k in range(end - first):
+        base = U((end - 1 - k) * width + j0)
+        for j in range(m.shape[0]):
+            i = base + U(j)
+            out[i] = ops.formula(kind, x[i], dy[i], m[j], p[j], q[j], r[j])
+
+
 def apply(kind: int) -> Any:
     """Compiled ``out = formula(x, dy, mean, p, q, r)`` over chunk t's rows, per-column vectors.
 
@@ -243,14 +261,7 @@ def apply(kind: int) -> Any:
     ) -> None:
         width = m.shape[0]
         first, end, _, _ = span(t, chunks, outer, width, False)  # the reductions' rows
-        # last row first: the statistics or sums pass before this one went first to last, so
-        # the rows it read last are the ones still in cache (pays where a thread's rows
-        # outgrow L2; docs/performance.md)
-        for k in range(end - first):
-            base = U((end - 1 - k) * width)
-            for j in range(width):
-                i = base + U(j)
-                out[i] = ops.formula(kind, x[i], dy[i], m[j], p[j], q[j], r[j])
+        block(kind, x, dy, m, p, q, r, out, first, end, width, 0)
 
     return jit(renamed(chunk, distinct_name(chunk)))
 
