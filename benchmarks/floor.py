@@ -1,4 +1,4 @@
-"""How far the 2-D passes are from the simplest loops over the same bytes.
+"""How far our passes are from the simplest loops over the same bytes.
 
 For each 2-D case, ours (the numba backend's passes, as the functional API calls them)
 against loops that do the least a pass can: a copy of x, ``y = x * a + b`` per column, a
@@ -9,7 +9,11 @@ process: one OpenMP pool). Alternated in shuffled rounds, medians in µs. ``bare
 adds up the four bare loops a forward + backward needs at the least (column sums, affine;
 column dot, the dx formula): a pass that was as cheap as its loop, with nothing around it.
 
-    .venv/bin/python benchmarks/floor_2d.py [--rounds 300] [--json PATH] [CASE ...]
+NCHW cases (N x C x H x W) take the fused segments passes, which read x (and dy) from memory
+once: their bare loops are the copy (the forward's traffic: x read, y written) and the dx
+formula (the backward's: dy and x read, dx written), and ``bare_fwd_bwd`` is those two.
+
+    .venv/bin/python benchmarks/floor.py [--rounds 300] [--json PATH] [CASE ...]
 """
 
 from __future__ import annotations
@@ -80,58 +84,72 @@ def dx_formula(dy, x, a, b, c, y, chunks):  # type: ignore[no-untyped-def]
                 y[r, j] = a[j] * dy[r, j] + b[j] * x[r, j] + c[j]
 
 
-def contenders(n: int, c: int) -> tuple[dict[str, Callable[[], object]], int]:
-    """The timed calls on an (n, c) float32 case, and the chunks (threads) they use."""
+def contenders(
+    shape: tuple[int, ...],
+) -> tuple[dict[str, Callable[[], object]], int, tuple[str, ...]]:
+    """The timed calls on a float32 case, the chunks (threads) they use, and the bare loops
+    that make its floor."""
+    n, c = shape[:2]
+    inner = int(np.prod(shape[2:], dtype=np.int64))
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, c), np.float32)
-    dy = rng.standard_normal((n, c), np.float32)
-    x3, dy3 = x.reshape(n, c, 1), dy.reshape(n, c, 1)
-    y = np.empty_like(x)
-    a, b = np.ones(c, np.float32), np.zeros(c, np.float32)
-    chunks = config.chunks(x.size, n)
-    sums = np.zeros((max(chunks, 1), c))
+    x = rng.standard_normal(shape, np.float32)
+    dy = rng.standard_normal(shape, np.float32)
+    x3, dy3 = x.reshape(n, c, inner), dy.reshape(n, c, inner)
+    # the bare loops see (rows, columns): (N, C) for 2-D, (N * C, H * W) segments for NCHW
+    x2, dy2 = (x.reshape(n, c), dy.reshape(n, c)) if inner == 1 else (
+        x.reshape(n * c, inner), dy.reshape(n * c, inner))  # fmt: skip
+    y = np.empty_like(x2)
+    a, b = np.ones(x2.shape[1], np.float32), np.zeros(x2.shape[1], np.float32)
+    chunks = config.chunks(x.size, x2.shape[0])
+    sums = np.zeros((max(chunks, 1), x2.shape[1]))
     mean, _ = nb.channel_stats(x3)
-    p, q, r = (rng.random(c) for _ in range(3))
+    p, q = (rng.random(c) for _ in range(2))
     w, bias = (rng.random(c).astype(np.float32) for _ in range(2))
     xt, wt, bt = (torch.from_numpy(v).requires_grad_(True) for v in (x, w, bias))
     dyt = torch.from_numpy(dy)
     fns: dict[str, Callable[[], object]] = {
-        "copy": lambda: copy(x, y, chunks),
-        "affine": lambda: affine(x, a, b, y, chunks),
-        "column_sums": lambda: column_sums(x, sums, chunks),
-        "column_dot": lambda: column_dot(dy, x, sums, chunks),
-        "stats": lambda: nb.channel_stats(x3),
-        "normalize": lambda: nb.normalize(x3, mean, p, q),
-        "grad_sums": lambda: nb.grad_sums(dy3, x3, mean),
-        "grad_input": lambda: nb.grad_input(dy3, x3, mean, p, q, r),
+        "copy": lambda: copy(x2, y, chunks),
+        "dx_formula": lambda: dx_formula(dy2, x2, a, b, a, y, chunks),
         "fused_forward": lambda: nb.fused_forward(x3, p, q, 1e-5),
-        "fused_backward": lambda: nb.fused_backward(dy3, x3, mean, p, q, n),
-        "dx_formula": lambda: dx_formula(dy, x, a, b, a, y, chunks),
+        "fused_backward": lambda: nb.fused_backward(dy3, x3, mean, p, q, n * inner),
         "ours_fwd_bwd": lambda: F.batch_norm_backward(dy, F.batch_norm_forward(x, w, bias)[1]),
         "torch_fwd_bwd": lambda: torch.autograd.grad(
             tF.batch_norm(xt, None, None, wt, bt, training=True), (xt, wt, bt), dyt
         ),
     }
-    return fns, chunks
+    if inner > 1:
+        return fns, chunks, ("copy", "dx_formula")
+    r = rng.random(c)
+    fns |= {
+        "affine": lambda: affine(x2, a, b, y, chunks),
+        "column_sums": lambda: column_sums(x2, sums, chunks),
+        "column_dot": lambda: column_dot(dy2, x2, sums, chunks),
+        "stats": lambda: nb.channel_stats(x3),
+        "normalize": lambda: nb.normalize(x3, mean, p, q),
+        "grad_sums": lambda: nb.grad_sums(dy3, x3, mean),
+        "grad_input": lambda: nb.grad_input(dy3, x3, mean, p, q, r),
+    }
+    return fns, chunks, ("column_sums", "affine", "column_dot", "dx_formula")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cases", nargs="*", help="NxC, e.g. 1024x512 (default: five)")
+    parser.add_argument(
+        "cases", nargs="*", help="NxC or NxCxHxW, e.g. 1024x512 (default: the 2-D five)"
+    )
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in c.split("x")) for c in args.cases] or CASES
     out = []
-    for n, c in shapes:
-        fns, chunks = contenders(n, c)
+    for shape in shapes:
+        fns, chunks, bare = contenders(shape)
         times = alternated(fns, args.rounds, warmup=10)
-        row: dict[str, object] = {"shape": [n, c], "chunks": chunks}
+        row: dict[str, object] = {"shape": list(shape), "chunks": chunks}
         row.update({f"{k}_us": statistics.median(ts) * 1e6 for k, ts in times.items()})
-        bare = ("column_sums", "affine", "column_dot", "dx_formula")
         row["bare_fwd_bwd_us"] = sum(float(row[f"{k}_us"]) for k in bare)  # type: ignore[arg-type]
         out.append(row)
-        print(f"{n}x{c} ({chunks} chunks): "
+        print(f"{'x'.join(map(str, shape))} ({chunks} chunks): "
               + "  ".join(f"{k} {statistics.median(ts) * 1e6:.1f}" for k, ts in times.items())
               + f"  bare_fwd_bwd {row['bare_fwd_bwd_us']:.1f}", flush=True)  # fmt: skip
     if args.json:
