@@ -48,7 +48,7 @@ def main() -> None:
                 times[label].append(min(timeit.repeat(step, number=200, repeat=7)) / 200 * 1e3)
         config.CHUNKS = None
         serial, default = min(times["serial"]), min(times["default"])
-        fused = plan.fused(x.reshape(shape[0], c, -1), 1)
+        fused = plan.fused(x.reshape(shape[0], c, -1), 1)[:2]
         rows.append({"shape": shape, "elements": x.size, "plan_chunks_group": fused,
                      "serial_ms": serial, "default_ms": default})
         print(f"{shape!s:18} {x.size:>7} plan {fused!s:8} serial {serial:.4f} ms, default "

@@ -116,7 +116,7 @@ def fused_forward(
 
     Rows layouts always; segments where reading x once pays (:func:`.plan.fusable`).
     """
-    chunks, group = plan.fused(x3, 1)
+    chunks, group, by_columns, one_region = plan.fused(x3, 1)
     if not chunks:
         return None
     outer, channels, inner = x3.shape
@@ -126,11 +126,9 @@ def fused_forward(
     x = np.ascontiguousarray(x3).reshape(-1)
     y3 = buffers.empty_like(x3)
     mean, m2, rstd = np.empty(channels), np.empty(channels), np.empty(channels)
-    by_columns = group == 0 and plan.by_columns(x3, chunks)
     ok = fused.forward[group == 0](
         x, w, b, float(eps), rm, rv, float(momentum), y3.reshape(-1), mean, m2, rstd,
-        outer, channels, inner, group, config.BLOCK, by_columns,
-        by_columns and plan.one_region(x3, chunks), chunks,
+        outer, channels, inner, group, config.BLOCK, by_columns, one_region, chunks,
     )  # fmt: skip
     if ok:
         for given, used in ((running_mean, rm), (running_var, rv)):
@@ -151,7 +149,7 @@ def fused_backward(
 
     Rows layouts always; segments where reading dy and x once pays.
     """
-    chunks, group = plan.fused(x3, 2)
+    chunks, group, by_columns, one_region = plan.fused(x3, 2)
     if not chunks:
         return None
     x = np.ascontiguousarray(x3)
@@ -165,9 +163,7 @@ def fused_backward(
         dy.reshape(-1), x.reshape(-1), float64s(mean), float64s(rstd), w, dx3.reshape(-1),
         sum_dy, sum_dy_xmu, float(max(count, 1)), *x3.shape,
     )  # fmt: skip
-    by_columns = group == 0 and plan.by_columns(x3, chunks)
-    fused.backward[group == 0](*args, group, by_columns, by_columns and plan.one_region(x3, chunks),
-                               chunks)  # fmt: skip
+    fused.backward[group == 0](*args, group, by_columns, one_region, chunks)
     return dx3, sum_dy, sum_dy_xmu
 
 

@@ -93,9 +93,13 @@ def _segments_fusion(x3: np.ndarray, arrays: int) -> tuple[int, int]:
     return min(threads, groups), group
 
 
-def fused(x3: np.ndarray, arrays: int) -> tuple[int, int]:
-    """``(chunks, group)`` for a one-call training pass reading ``arrays`` arrays: rows
-    layouts always (group 0), segments where :func:`fusable` finds a gain; (0, 0): decline."""
+def fused(x3: np.ndarray, arrays: int) -> tuple[int, int, bool, bool]:
+    """``(chunks, group, by_columns, one_region)`` for a one-call training pass reading
+    ``arrays`` arrays: rows layouts always (group 0; :func:`by_columns`, :func:`one_region`),
+    segments where :func:`fusable` finds a gain; chunks 0: decline."""
     if use_rows(x3):
-        return config.chunks(x3.size, x3.shape[0]), 0
-    return _segments_fusion(x3, arrays)
+        chunks = config.chunks(x3.size, x3.shape[0])
+        split = by_columns(x3, chunks)
+        return chunks, 0, split, split and one_region(x3, chunks)
+    chunks, group = _segments_fusion(x3, arrays)
+    return chunks, group, False, False
