@@ -88,9 +88,20 @@ def test_path_switches() -> None:
     assert plan.rows_for_stats(np.empty((32, 64, 64), np.float32))  # ...but not the statistics
     assert not plan.rows_for_stats(np.empty((4, 3, config.ROWS_FALLBACK_INNER + 1)))
     assert config.chunks(10, 10) == 1  # small arrays: one chunk, the serial build
-    assert plan.one_region(np.empty((32, 4096, 1), np.float32), 2)  # 8 KiB of a row a thread
-    assert not plan.one_region(np.empty((128, 1024, 1), np.float32), 2)  # 2 KiB
-    assert not plan.one_region(np.empty((32, 4096, 3), np.float32), 2)  # maps: by rows
+
+    def one_region(shape3: tuple[int, int, int], threads: int = 2) -> int:
+        with pytest.MonkeyPatch.context() as mp:  # whatever this machine's cores
+            mp.setattr(config, "num_threads", lambda: threads)
+            return plan.one_region(np.empty(shape3, np.float32))
+
+    assert one_region((32, 4096, 1)) == 2  # few rows, 8 KiB of a row a thread: one region
+    assert one_region((64, 1000, 1)) == 2  # 2000 bytes a thread, 64K values
+    assert one_region((32, 1024, 1)) == 2  # 32K values
+    assert one_region((128, 512, 1)) == 0  # 1 KiB a thread: two regions
+    assert one_region((32, 512, 1)) == 0  # 16K values: serial
+    assert one_region((256, 1024, 1)) == 0  # many rows: by rows
+    assert one_region((32, 4096, 3)) == 0  # maps: by rows
+    assert one_region((32, 4096, 1), threads=1) == 0
 
 
 @pytest.mark.parametrize("shape3", SHAPES3, ids=str)
@@ -358,7 +369,7 @@ def test_fused_group_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
         (50, 7, 1),
         (9, 4, 3),
         # parallel: by columns in one region (runs of 16 bytes suffice here), blocks of 16
-        # and 24 channels and an empty one
+        # and 24 channels
         (20, 40, 1),
     ],
     ids=str,
@@ -367,10 +378,10 @@ def test_rows_training_passes_in_one_call(
     path: str, shape3: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rows layouts always take the one-call training passes; numbers as the public passes."""
-    monkeypatch.setattr(config, "FUSE_MIN_RUN_BYTES", 16)
+    monkeypatch.setattr(config, "COLUMNS_MIN_RUN_BYTES", 16)
     if path == "parallel":
         x3 = np.empty(shape3, np.float32)
-        assert plan.one_region(x3, 3) == (shape3 == (20, 40, 1))
+        assert plan.one_region(x3) == (2 if shape3 == (20, 40, 1) else 0)
     eps, momentum = 1e-5, 0.3
     for dtype in _dtypes(path):
         x, dy = _data(shape3, dtype)

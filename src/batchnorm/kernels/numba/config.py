@@ -107,6 +107,17 @@ ROWS_FALLBACK_INNER = 256
 # The elementwise passes stay by rows (by columns they ran up to 2x slower: short strided
 # runs; docs/performance.md).
 COLUMNS_MAX_ROWS = 128
+# ...and their fused training passes (2-D, channels-last) run by columns in one parallel
+# region, reduction to output, from this many values, where each thread's block of a row is
+# COLUMNS_MIN_RUN_BYTES at least. Fused forward + backward, 2 threads, medians in us
+# (benchmarks/columns_region.py, results/columns_region.json), serial / two regions / one:
+# (64, 1000) 115 / 116 / 94, (32, 1024) 78 / 93 / 66, (16, 4096) 162 / 167 / 100,
+# (64, 1024) 117 / 117 / 96, (32, 4096) 252 / 213 / 153, (128, 1024) 208 / 172 / 159.
+# Blocks of 1 KiB tie there ((64, 512) 72 / 87 / 71, (128, 512) 107 / 111 / 102) and lost
+# 20% on the forward timed alone (kernels-columns-region-before-after.txt); 512-byte blocks
+# lose ((128, 256) 69 / 85 / 74), as do 16K values ((32, 512) 52 / 73 / 54).
+COLUMNS_PARALLEL_MIN = 1 << 15
+COLUMNS_MIN_RUN_BYTES = 1536
 # The eval pass (normalize alone) takes the rows kernels up to this inner too: rows/segments
 # 0.56-0.72 on 4x4 and 5x5 maps, 0.97-1.08 on 6x6 and 7x7, 1.6-2.0 from 8x8 on (the rows
 # pass loads per-column coefficients, C * inner of them; benchmarks/eval_layout.py,

@@ -36,14 +36,20 @@ def by_columns(x3: np.ndarray, chunks: int) -> bool:
     return chunks > 1 and x3.shape[0] <= config.COLUMNS_MAX_ROWS
 
 
-def one_region(x3: np.ndarray, chunks: int) -> bool:
-    """Whether a fused rows pass split by columns (:func:`by_columns`) also makes its
-    elementwise pass by columns, in the same parallel region: 2-D and channels-last inputs
-    whose threads' blocks of a row are runs of :data:`~.config.FUSE_MIN_RUN_BYTES` at least
-    (shorter runs, strided by a row, stream badly). Each thread then computes its own
-    channels' coefficients: no per-channel work is left serial."""
+def one_region(x3: np.ndarray) -> int:
+    """Chunks for the fused rows passes by columns in one parallel region, 0 where they do not
+    apply: 2-D and channels-last inputs of up to :data:`~.config.COLUMNS_MAX_ROWS` rows, from
+    :data:`~.config.COLUMNS_PARALLEL_MIN` values, whose threads' blocks of a row are
+    :data:`~.config.COLUMNS_MIN_RUN_BYTES` at least. A thread reduces every row of its block of
+    channels, computes their coefficients and writes their output: no partials merged, no
+    per-channel work left serial."""
     outer, channels, inner = x3.shape
-    return inner == 1 and channels * x3.itemsize >= chunks * config.FUSE_MIN_RUN_BYTES
+    if inner != 1 or outer > config.COLUMNS_MAX_ROWS:
+        return 0
+    chunks = config.chunks(x3.size, max(1, channels // 16), config.COLUMNS_PARALLEL_MIN)
+    if chunks > 1 and channels * x3.itemsize >= chunks * config.COLUMNS_MIN_RUN_BYTES:
+        return chunks
+    return 0
 
 
 def chunks(x3: np.ndarray) -> int:
@@ -95,11 +101,14 @@ def _segments_fusion(x3: np.ndarray, arrays: int) -> tuple[int, int]:
 
 def fused(x3: np.ndarray, arrays: int) -> tuple[int, int, bool, bool]:
     """``(chunks, group, by_columns, one_region)`` for a one-call training pass reading
-    ``arrays`` arrays: rows layouts always (group 0; :func:`by_columns`, :func:`one_region`),
-    segments where :func:`fusable` finds a gain; chunks 0: decline."""
+    ``arrays`` arrays: rows layouts always (group 0; :func:`one_region`, else
+    :func:`by_columns` for the reductions alone), segments where :func:`fusable` finds a
+    gain; chunks 0: decline."""
     if use_rows(x3):
+        columns = one_region(x3)
+        if columns:
+            return columns, 0, True, True
         chunks = config.chunks(x3.size, x3.shape[0])
-        split = by_columns(x3, chunks)
-        return chunks, 0, split, split and one_region(x3, chunks)
+        return chunks, 0, by_columns(x3, chunks), False
     chunks, group = _segments_fusion(x3, arrays)
     return chunks, group, False, False
