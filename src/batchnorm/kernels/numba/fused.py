@@ -7,7 +7,8 @@ arithmetic, output.
 pass costs one dispatch; :data:`evaluate` (:func:`eval_pass`) does the same for eval, its
 coefficients from the running statistics (:func:`.ops.eval_coefficients`).
 
-*rows* (2-D, channels-last): the rows kernels' chunks, then the elementwise pass.
+*rows* (2-D, channels-last): the rows kernels' chunks, then the elementwise pass; with few
+rows and long enough ones, both by columns in one parallel region (:func:`_columns_forward`).
 
 *segments*: channel-parallel, x (and dy) read from memory once. A thread owns whole
 channels: it reduces their segments (bringing them into its L2 cache), then makes the
@@ -162,10 +163,11 @@ def _columns_forward(
     momentum: float, y: Any, mean: Any, m2: Any, rstd: Any, outer: int, channels: int,
     chunks: int,
 ) -> bool:  # fmt: skip
-    """The rows forward by columns (2-D and channels-last, few rows: :func:`.plan.by_columns`)
-    in one parallel region: a thread reduces every row of its block of channels, makes their
-    coefficients and normalizes the block, from its cache; nothing is merged across threads
-    and no per-channel work is left serial but the running statistics' update."""
+    """The rows forward by columns in one parallel region (2-D and channels-last inputs with
+    few rows: :func:`.plan.one_region`): a thread reduces every row of its block of channels,
+    computes their coefficients and normalizes the block from its cache; nothing is merged
+    across threads and no per-channel work is left serial but the running statistics' update
+    (it needs every channel's mean finite)."""
     count = float(outer)
     bad = per_chunk(chunks, 1)
     none = np.empty(0)
@@ -233,8 +235,8 @@ def training_passes(rows_layout: bool) -> tuple[Kernel, Kernel]:
     ) -> bool:  # fmt: skip
         # segments: channel groups of ``group``, two-pass blocks of ``block`` values; rows:
         # statistics by chunks of rows or of columns (``by_columns``, rows.span), the
-        # output by rows. Returns whether the running statistics were updated (every mean
-        # finite).
+        # output by rows, or everything by columns in one region (``one_region``). Returns
+        # whether the running statistics were updated (every mean finite).
         if rows_layout and one_region:
             return _columns_forward(x, weight, bias, eps, running_mean, running_var, momentum,
                                     y, mean, m2, rstd, outer, channels, chunks)  # fmt: skip
