@@ -24,7 +24,10 @@ from batchnorm.kernels.numba import config, fused, plan
 
 SHAPES = [(64, 128, 16), (128, 16, 16), (32, 256, 16), (256, 8, 25), (64, 64, 25),
           (64, 64, 36), (32, 64, 49), (256, 8, 49), (32, 64, 64), (32, 256, 64),
-          (32, 128, 100), (16, 128, 196)]  # fmt: skip
+          (32, 128, 100), (16, 128, 196),
+          # few rows: the rows pass spreads its coefficients over C * inner columns first
+          (2, 2048, 16), (4, 1024, 16), (2, 512, 25), (4, 512, 25), (2, 256, 16),
+          (8, 512, 25), (16, 256, 16)]  # fmt: skip
 
 
 def main() -> None:
@@ -58,7 +61,8 @@ def main() -> None:
               f"  (default: {row['default']})", flush=True)
     if args.json:
         meta = {"threads": config.num_threads(), "dtype": "float32", "rounds": args.rounds,
-                "eval_rows_max_inner": config.EVAL_ROWS_MAX_INNER}  # fmt: skip
+                "eval_rows_max_inner": config.EVAL_ROWS_MAX_INNER,
+                "eval_rows_min_outer": config.EVAL_ROWS_MIN_OUTER}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "cases": out}, f, indent=1)
 

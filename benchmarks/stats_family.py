@@ -24,7 +24,11 @@ from batchnorm.kernels.numba import config, plan, rows, segments
 
 SHAPES = [(64, 128, 16), (32, 256, 16), (256, 16, 16), (32, 64, 64), (128, 64, 64),
           (32, 2048, 49), (16, 128, 196), (128, 64, 256), (8, 3, 256), (64, 32, 289),
-          (32, 64, 784), (16, 128, 784), (32, 64, 3136), (8, 3, 50176)]  # fmt: skip
+          (32, 64, 784), (16, 128, 784), (32, 64, 3136), (8, 3, 50176),
+          # few rows (batch 2-8): the rows kernels' per-column partials outweigh x
+          (2, 512, 49), (4, 512, 49), (8, 512, 49), (2, 256, 196), (4, 256, 196),
+          (8, 256, 196), (2, 2048, 16), (4, 1024, 16), (8, 512, 16), (2, 64, 49),
+          (4, 128, 49)]  # fmt: skip
 
 
 def main() -> None:
@@ -48,7 +52,7 @@ def main() -> None:
         assert np.allclose(m1, m2) and np.allclose(q1, q2, rtol=1e-9)
         times = alternated(fns, args.rounds, warmup=5)
         row = {"shape": [outer, channels, inner],
-               "default": "rows" if inner <= config.ROWS_FALLBACK_INNER else "segments"}
+               "default": "rows" if plan.rows_for_stats(x3) else "segments"}
         for name, ts in times.items():
             row[f"{name}_us"] = statistics.median(ts) * 1e6
         out.append(row)
@@ -56,7 +60,8 @@ def main() -> None:
               f"rows {row['rows_us']:7.1f} us  (default: {row['default']})", flush=True)
     if args.json:
         meta = {"threads": config.num_threads(), "dtype": "float32", "rounds": args.rounds,
-                "rows_fallback_inner": config.ROWS_FALLBACK_INNER}  # fmt: skip
+                "rows_fallback_inner": config.ROWS_FALLBACK_INNER,
+                "stats_rows_per_inner": config.STATS_ROWS_PER_INNER}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": out}, f, indent=1)
 

@@ -86,6 +86,8 @@ def test_path_switches() -> None:
     assert plan.fusable(np.empty((256, 8, 49), np.float32), 1) == (0, 0)
     assert not plan.use_rows(np.empty((32, 64, 64), np.float32))  # fused segments take these
     assert plan.rows_for_stats(np.empty((32, 64, 64), np.float32))  # ...but not the statistics
+    assert not plan.rows_for_stats(np.empty((2, 256, 196), np.float32))  # too few rows
+    assert plan.rows_for_stats(np.empty((2, 2048, 16), np.float32))  # 4x4: rows even so
     assert not plan.rows_for_stats(np.empty((4, 3, config.ROWS_FALLBACK_INNER + 1)))
     assert config.chunks(10, 10) == 1  # small arrays: one chunk, the serial build
 
@@ -449,6 +451,7 @@ def test_eval_takes_the_rows_pass_on_short_segments() -> None:
     assert not plan.use_rows(np.empty((64, 128, 16), np.float32))  # (training: segments)
     assert not plan.rows_for_eval(np.empty((32, 64, 64), np.float32))  # 8x8 maps: segments
     assert plan.rows_for_eval(np.empty((60, 100, 1), np.float32))  # 2-D
+    assert not plan.rows_for_eval(np.empty((2, 2048, 16), np.float32))  # two rows: segments
 
 
 def test_threads_sets_and_restores() -> None:

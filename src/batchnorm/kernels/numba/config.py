@@ -94,10 +94,17 @@ ROWS_MAX_INNER = 16  # inner below this: rows kernels; else segments kernels
 # ...and rows kernels up to this inner where the fused segments passes decline (few channels
 # of short segments): the unfused segments passes merge every segment's statistics, 2-3x
 # slower there ((256, 8, 7, 7), (128, 16, 4, 4); kernels-small-maps-before-after.txt). The
-# unfused statistics (SyncBatchNorm, the family modules) take the rows kernels up to it in
-# any case: 1.1-9.7x faster there but on (8, 3, 16, 16) (3.7 against 4.1 us); beyond it
-# mixed, 0.75x on 224x224 maps (benchmarks/stats_family.py, results/stats_family.json).
+# unfused statistics (SyncBatchNorm, the family modules) take the rows kernels up to it
+# given rows enough (STATS_ROWS_PER_INNER): 1.1-9.7x faster there but on (8, 3, 16, 16) (3.7 against 4.1 us); beyond it
+# mixed, 0.75x on 224x224 maps (benchmarks/stats_family.py, results/stats_family-round6.json).
 ROWS_FALLBACK_INNER = 256
+# ...as long as there are rows enough to pay for their per-column partials (two float64
+# values per column of C * inner, per thread, allocated and merged every call): outer * this
+# >= inner. With two rows of 7x7 or 14x14 maps the partials were four times x and the rows
+# statistics 5-12x slower than the segments' ((2, 256, 14, 14) 563 against 46 us); 4x4 maps
+# keep the rows kernels even at two rows ((2, 2048, 4, 4) 81 against 159 us;
+# benchmarks/stats_family.py, results/stats_family.json).
+STATS_ROWS_PER_INNER = 8
 # The rows kernels' reductions (statistics, gradient sums) split up to this many rows by
 # columns (each thread every row of a block of columns) instead of by rows: with few rows
 # the threads' per-column partials were as large as their share of x, and merging them
@@ -118,11 +125,14 @@ COLUMNS_MAX_ROWS = 128
 # lose ((128, 256) 69 / 85 / 74), as do 16K values ((32, 512) 52 / 73 / 54).
 COLUMNS_PARALLEL_MIN = 1 << 15
 COLUMNS_MIN_RUN_BYTES = 1536
-# The eval pass (normalize alone) takes the rows kernels up to this inner too: rows/segments
-# 0.56-0.72 on 4x4 and 5x5 maps, 0.97-1.08 on 6x6 and 7x7, 1.6-2.0 from 8x8 on (the rows
-# pass loads per-column coefficients, C * inner of them; benchmarks/eval_layout.py,
+# The eval pass (normalize alone) takes the rows kernels up to this inner too, given
+# EVAL_ROWS_MIN_OUTER rows: rows/segments 0.57-0.67 on 4x4 and 5x5 maps with 64 rows or more
+# ((32, 256, 4, 4) 0.72 and 1.06 in two runs), about 1 on 6x6 and 7x7, 1.6-2.0 from 8x8 on
+# (the rows pass loads per-column coefficients, C * inner of them); with 2-8 rows 1.2-2.6
+# ((2, 2048, 4, 4) 67 against 25 us), at 16 rows 0.98 (benchmarks/eval_layout.py,
 # results/eval_layout.json).
 EVAL_ROWS_MAX_INNER = 32
+EVAL_ROWS_MIN_OUTER = 16
 BLOCK = 4096  # segment elements per two-pass block (a float32 block is 16 KiB: L1)
 # Arrays with fewer elements run as one chunk in the serial build: below it a parallel
 # region's launch and its slowest thread cost more than the second thread saves (2-D

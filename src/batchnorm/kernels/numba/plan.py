@@ -18,16 +18,25 @@ def use_rows(x3: np.ndarray) -> bool:
 
 
 def rows_for_stats(x3: np.ndarray) -> bool:
-    """Rows kernels for the unfused statistics: where :func:`use_rows` says, and for every
-    map up to :data:`~.config.ROWS_FALLBACK_INNER` values (faster there than segments'
-    statistics, which merge every segment; the fused passes choose apart)."""
-    return use_rows(x3) or x3.shape[2] <= config.ROWS_FALLBACK_INNER
+    """Rows kernels for the unfused statistics: where :func:`use_rows` says, and for maps up
+    to :data:`~.config.ROWS_FALLBACK_INNER` values (faster there than segments' statistics,
+    which merge every segment; the fused passes choose apart) with rows enough to pay for
+    their per-column partials (:data:`~.config.STATS_ROWS_PER_INNER`)."""
+    outer, _, inner = x3.shape
+    return use_rows(x3) or (
+        inner <= config.ROWS_FALLBACK_INNER and outer * config.STATS_ROWS_PER_INNER >= inner
+    )
 
 
 def rows_for_eval(x3: np.ndarray) -> bool:
     """Rows kernels for the eval pass: where :func:`use_rows` says, and for maps up to
-    :data:`~.config.EVAL_ROWS_MAX_INNER` values, whose segments are too short to stream."""
-    return use_rows(x3) or x3.shape[2] <= config.EVAL_ROWS_MAX_INNER
+    :data:`~.config.EVAL_ROWS_MAX_INNER` values, whose segments are too short to stream, with
+    :data:`~.config.EVAL_ROWS_MIN_OUTER` rows at least (the rows pass first spreads the
+    coefficients over all C * inner columns)."""
+    outer, _, inner = x3.shape
+    return use_rows(x3) or (
+        inner <= config.EVAL_ROWS_MAX_INNER and outer >= config.EVAL_ROWS_MIN_OUTER
+    )
 
 
 def by_columns(x3: np.ndarray, chunks: int) -> bool:
