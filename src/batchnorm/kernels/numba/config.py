@@ -95,8 +95,9 @@ ROWS_MAX_INNER = 16  # inner below this: rows kernels; else segments kernels
 # of short segments): the unfused segments passes merge every segment's statistics, 2-3x
 # slower there ((256, 8, 7, 7), (128, 16, 4, 4); kernels-small-maps-before-after.txt). The
 # unfused statistics (SyncBatchNorm, the family modules) take the rows kernels up to it
-# given rows enough (STATS_ROWS_PER_INNER): 1.1-9.7x faster there but on (8, 3, 16, 16) (3.7 against 4.1 us); beyond it
-# mixed, 0.75x on 224x224 maps (benchmarks/stats_family.py, results/stats_family-round6.json).
+# given rows enough (STATS_ROWS_PER_INNER): 1.1-9.7x faster there but on (8, 3, 16, 16)
+# (3.7 against 4.1 us); beyond it mixed, 0.75x on 224x224 maps (benchmarks/stats_family.py,
+# results/stats_family-round6.json).
 ROWS_FALLBACK_INNER = 256
 # ...as long as there are rows enough to pay for their per-column partials (two float64
 # values per column of C * inner, per thread, allocated and merged every call): outer * this
