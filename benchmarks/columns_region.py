@@ -17,7 +17,7 @@ import json
 import statistics
 from collections.abc import Callable
 
-import numpy as np
+from rows_split import training_step  # this directory's script
 
 from batchnorm.app.bench.timing import alternated
 from batchnorm.kernels import numba as nb
@@ -26,26 +26,24 @@ from batchnorm.kernels.numba import config
 SHAPES = [(16, 1024), (32, 512), (32, 1024), (64, 512), (64, 1000), (128, 256), (16, 4096),
           (32, 2048), (64, 1024), (128, 512), (64, 2048), (128, 1024), (32, 4096),
           (128, 2048), (64, 4096)]  # fmt: skip
-MODES = {  # (CHUNKS, PARALLEL_MIN, FUSE_MIN_RUN_BYTES)
-    "serial": (1, None, None),
-    "two_regions": (None, 0, 1 << 30),
-    "one_region": (None, 0, 0),
+MODES = {  # (CHUNKS, PARALLEL_MIN, COLUMNS_PARALLEL_MIN, COLUMNS_MIN_RUN_BYTES); None: as set
+    "serial": (1, None, None, None),
+    "two_regions": (None, 0, None, 1 << 30),
+    "one_region": (None, 0, 0, 0),
 }
+NAMES = ("CHUNKS", "PARALLEL_MIN", "COLUMNS_PARALLEL_MIN", "COLUMNS_MIN_RUN_BYTES")
 
 
-def mode(
-    settings: tuple[int | None, int | None, int | None], step: Callable[[], None]
-) -> Callable[[], None]:
-    names = ("CHUNKS", "PARALLEL_MIN", "FUSE_MIN_RUN_BYTES")
-    saved = tuple(getattr(config, k) for k in names)
+def mode(settings: tuple[int | None, ...], step: Callable[[], None]) -> Callable[[], None]:
+    saved = tuple(getattr(config, k) for k in NAMES)
 
     def run() -> None:
-        for k, v, s in zip(names, settings, saved, strict=True):
+        for k, v, s in zip(NAMES, settings, saved, strict=True):
             setattr(config, k, s if v is None else v)
         try:
             step()
         finally:
-            for k, s in zip(names, saved, strict=True):
+            for k, s in zip(NAMES, saved, strict=True):
                 setattr(config, k, s)
 
     return run
@@ -58,17 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for n, c in SHAPES:
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((n, c, 1), dtype=np.float32)
-        dy = rng.standard_normal((n, c, 1), dtype=np.float32)
-        w, b = np.ones(c), np.zeros(c)
-
-        def step(x: np.ndarray = x, dy: np.ndarray = dy, w: np.ndarray = w,
-                 b: np.ndarray = b, n: int = n) -> None:  # fmt: skip
-            done = nb.fused_forward(x, w, b, 1e-5)
-            assert done is not None
-            nb.fused_backward(dy, x, done[1], done[3], w, n)
-
+        step = training_step(n, c)
         fns = {name: mode(settings, step) for name, settings in MODES.items()}
         times = alternated(fns, args.rounds, warmup=5)
         row: dict[str, object] = {"shape": [n, c], "elements": n * c,

@@ -25,6 +25,21 @@ SHAPES = [(16, 8192), (32, 4096), (64, 2048), (64, 4096), (128, 1024), (128, 204
           (256, 512), (256, 1024), (512, 2048), (1024, 512)]  # fmt: skip
 
 
+def training_step(n: int, c: int) -> Callable[[], None]:
+    """The fused forward, then backward, on a float32 (n, c) input (also columns_region.py)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, c, 1), dtype=np.float32)
+    dy = rng.standard_normal((n, c, 1), dtype=np.float32)
+    w, b = np.ones(c), np.zeros(c)
+
+    def step() -> None:
+        done = nb.fused_forward(x, w, b, 1e-5)
+        assert done is not None
+        nb.fused_backward(dy, x, done[1], done[3], w, n)
+
+    return step
+
+
 def split(max_rows: int, step: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
         config.COLUMNS_MAX_ROWS = max_rows
@@ -42,17 +57,7 @@ def main() -> None:
     rows = []
     try:
         for n, c in SHAPES:
-            rng = np.random.default_rng(0)
-            x = rng.standard_normal((n, c, 1), dtype=np.float32)
-            dy = rng.standard_normal((n, c, 1), dtype=np.float32)
-            w, b = np.ones(c), np.zeros(c)
-
-            def step(x: np.ndarray = x, dy: np.ndarray = dy, w: np.ndarray = w,
-                     b: np.ndarray = b, n: int = n) -> None:  # fmt: skip
-                done = nb.fused_forward(x, w, b, 1e-5)
-                assert done is not None
-                nb.fused_backward(dy, x, done[1], done[3], w, n)
-
+            step = training_step(n, c)
             times = alternated({"rows": split(0, step), "columns": split(1 << 30, step)},
                                args.rounds, warmup=5)  # fmt: skip
             row = {"shape": [n, c], "default_by_columns": n <= default}

@@ -118,7 +118,8 @@ COLUMNS_MAX_ROWS = 128
 # ...and their fused training passes (2-D, channels-last) run by columns in one parallel
 # region, reduction to output, from this many values, where each thread's block of a row is
 # COLUMNS_MIN_RUN_BYTES at least. Fused forward + backward, 2 threads, medians in us
-# (benchmarks/columns_region.py, results/columns_region.json), serial / two regions / one:
+# (benchmarks/columns_region.py, results/columns_region-first.json; columns_region.json is a
+# later run with the same picture), serial / two regions / one:
 # (64, 1000) 115 / 116 / 94, (32, 1024) 78 / 93 / 66, (16, 4096) 162 / 167 / 100,
 # (64, 1024) 117 / 117 / 96, (32, 4096) 252 / 213 / 153, (128, 1024) 208 / 172 / 159.
 # Blocks of 1 KiB tie there ((64, 512) 72 / 87 / 71, (128, 512) 107 / 111 / 102) and lost
