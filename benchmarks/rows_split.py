@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     default = config.COLUMNS_MAX_ROWS
+    one_region = config.COLUMNS_MIN_RUN_BYTES
+    config.COLUMNS_MIN_RUN_BYTES = 1 << 30  # the reductions' split alone, never one region
     rows = []
     try:
         for n, c in SHAPES:
@@ -72,6 +74,7 @@ def main() -> None:
                   f"{'columns' if row['default_by_columns'] else 'rows'})", flush=True)
     finally:
         config.COLUMNS_MAX_ROWS = default
+        config.COLUMNS_MIN_RUN_BYTES = one_region
     if args.json:
         meta = {"threads": nb.config.num_threads(), "dtype": "float32",
                 "columns_max_rows": default, "rounds": args.rounds}  # fmt: skip
