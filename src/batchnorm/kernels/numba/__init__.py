@@ -44,7 +44,7 @@ def channel_stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     outer, channels, inner = x3.shape
     x = x3.reshape(-1)
     if plan.rows_for_stats(x3):
-        chunks = config.chunks(x3.size, outer)
+        chunks = plan.chunks(x3, rows=True)
         return rows.stats(x, outer, channels, inner, plan.by_columns(x3, chunks), chunks)  # type: ignore[no-any-return]
     return segments.stats(x, outer, channels, inner, config.BLOCK, plan.chunks(x3))  # type: ignore[no-any-return]
 
@@ -185,8 +185,7 @@ def fused_eval(
     by_rows = plan.rows_for_eval(x3)
     fused.evaluate[by_rows](
         x3.reshape(-1), w, b, float(eps), float64s(running_mean), float64s(running_var),
-        y3.reshape(-1), mean, rstd, outer, channels, inner,
-        config.chunks(x3.size, outer if by_rows else outer * channels),
+        y3.reshape(-1), mean, rstd, outer, channels, inner, plan.chunks(x3, by_rows),
     )  # fmt: skip
     return y3, mean, rstd
 

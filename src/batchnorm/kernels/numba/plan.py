@@ -61,10 +61,12 @@ def one_region(x3: np.ndarray) -> int:
     return 0
 
 
-def chunks(x3: np.ndarray) -> int:
-    """Chunks for the unfused kernels: rows split by rows, segments by segments."""
+def chunks(x3: np.ndarray, rows: bool | None = None) -> int:
+    """Chunks for the unfused kernels: rows split by rows, segments by segments; ``rows``
+    names the family that runs (default: :func:`use_rows`)."""
     outer, channels, _ = x3.shape
-    return config.chunks(x3.size, outer if use_rows(x3) else outer * channels)
+    by_rows = use_rows(x3) if rows is None else rows
+    return config.chunks(x3.size, outer if by_rows else outer * channels)
 
 
 def fusable(x3: np.ndarray, arrays: int) -> tuple[int, int]:
